@@ -1,0 +1,302 @@
+"""Data layer: every loader on real files, partitions, hold-out, conversions, errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from collafuse.data import (
+    DataError,
+    ImageSet,
+    load_images,
+    normalise_intensity,
+    partition,
+    save_grid,
+    save_images,
+    split_holdout,
+    to_model,
+    to_uint8,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+RAW_SAMPLE = SHARED / "data/lgg-mri/raw-sample"
+BUNDLED = REPO / "data/lgg_flair_32.npz"
+LGG_CASE = "TCGA_EZ_7264_20010816"
+
+needs_raw = pytest.mark.skipif(not RAW_SAMPLE.is_dir(), reason=f"LGG raw sample not found at {RAW_SAMPLE}")
+
+
+@pytest.fixture(scope="module")
+def lgg() -> ImageSet:
+    return load_images(BUNDLED)
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+
+def test_bundled_npz(lgg):
+    assert lgg.images.shape == (3929, 32, 32) and lgg.images.dtype == np.uint8
+    assert lgg.channels == 1
+    assert set(lgg.meta) == {"site", "patient", "slice_index", "tumor_pixels"}
+    assert sorted(set(lgg.meta["site"].tolist())) == ["CS", "DU", "EZ", "FG", "HT"]
+    assert len(set(lgg.meta["patient"].tolist())) == 110
+
+
+def test_npz_resize_and_rgb(lgg):
+    small = load_images(BUNDLED, image_size=16, channels=3)
+    assert small.images.shape == (3929, 16, 16, 3) and small.channels == 3
+    # BOX from 32 to 16 is a 2x2 mean, so one pixel can be checked by hand
+    expected = np.rint(lgg.images[100, :2, :2].astype(float).mean())
+    assert abs(int(small.images[100, 0, 0, 0]) - expected) <= 1
+
+
+@needs_raw
+def test_lgg_case_folder_and_root():
+    case = load_images(RAW_SAMPLE / LGG_CASE)
+    root = load_images(RAW_SAMPLE)
+    assert case.images.shape == (24, 256, 256)
+    np.testing.assert_array_equal(case.images, root.images)
+    assert case.meta["slice_index"].tolist() == list(range(1, 25))
+    assert set(case.meta["site"].tolist()) == {"EZ"}
+    assert set(case.meta["patient"].tolist()) == {"TCGA_EZ_7264"}
+    flair = np.asarray(Image.open(RAW_SAMPLE / LGG_CASE / f"{LGG_CASE}_12.tif"))[..., 1]
+    np.testing.assert_array_equal(case.images[11], flair)
+    mask = np.asarray(Image.open(RAW_SAMPLE / LGG_CASE / f"{LGG_CASE}_17_mask.tif"))
+    assert case.meta["tumor_pixels"][16] == np.count_nonzero(mask) > 0
+
+
+@needs_raw
+def test_lgg_matches_shared_128(lgg):
+    shared = np.load(SHARED / "data/lgg-mri/lgg_flair_128.npz")
+    ez = shared["site"] == "EZ"
+    mine = load_images(RAW_SAMPLE, image_size=128)
+    np.testing.assert_array_equal(mine.images, shared["images"][ez])
+    np.testing.assert_array_equal(mine.meta["tumor_pixels"], shared["tumor_pixels"][ez])
+
+
+def test_image_folder_odd_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (61, 29), dtype=np.uint8)).save(tmp_path / "sub/b.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "c.tiff")
+    (tmp_path / "notes.txt").write_text("not an image")
+    gray = load_images(tmp_path, image_size=24)
+    assert gray.images.shape == (3, 24, 24)
+    assert gray.meta["file"].tolist() == ["a.png", "c.tiff", "sub/b.jpg"]
+    assert load_images(tmp_path, image_size=50, channels=3).images.shape == (3, 50, 50, 3)
+    with pytest.raises(DataError, match="different sizes"):
+        load_images(tmp_path)
+
+
+def test_center_crop(tmp_path):
+    x = np.zeros((10, 30), np.uint8)
+    x[:, 10:20] = 255  # only the central square is white
+    Image.fromarray(x).save(tmp_path / "wide.png")
+    assert (load_images(tmp_path / "wide.png", image_size=10).images == 255).all()
+
+
+def test_nifti(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    volume = np.arange(8 * 6 * 5, dtype=np.float32).reshape(8, 6, 5) - 50.0
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "brain01.nii.gz")
+    s = load_images(tmp_path / "brain01.nii.gz")
+    assert s.images.shape == (5, 6, 8)  # one image per slice of the last axis
+    assert s.images.min() == 0 and s.images.max() == 255  # min-max over the volume
+    assert s.meta["patient"].tolist() == ["brain01"] * 5
+    assert s.meta["slice_index"].tolist() == [1, 2, 3, 4, 5]
+    assert load_images(tmp_path / "brain01.nii.gz", image_size=4).images.shape == (5, 4, 4)
+
+
+def _write_dicom(path, pixels, instance, z, series_uid, window=None):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.Modality, ds.SeriesInstanceUID = "P042", "MR", series_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [0, 0, z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_series(tmp_path):
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    # files written in scrambled order; the third has no .dcm suffix but a DICOM preamble
+    for name, z in [("b.dcm", 2.0), ("a.dcm", 3.0), ("c", 1.0)]:
+        _write_dicom(tmp_path / name, np.full((12, 10), int(z) * 100), instance=int(z), z=z, series_uid=uid)
+    s = load_images(tmp_path)
+    assert s.images.shape == (3, 12, 10)
+    # sorted by position; values 100, 200, 300 -> 100, 300, 500 after rescale -> min-max over the series
+    np.testing.assert_allclose([int(im[0, 0]) for im in s.images], [0, 127.5, 255], atol=0.5)
+    assert s.meta["patient"].tolist() == ["P042"] * 3
+    assert load_images(tmp_path, image_size=8, channels=3).images.shape == (3, 8, 8, 3)
+
+
+def test_dicom_window(tmp_path):
+    uid = "1.2.826.0.1.3680043.8.498.2"
+    for i in (1, 2):
+        _write_dicom(tmp_path / f"{i}.dcm", np.full((8, 8), i * 100), i, float(i), uid, window=(200, 200))
+    s = load_images(tmp_path)
+    # rescaled values 100 and 300 fall on the window edges [100, 300]
+    assert [int(im[0, 0]) for im in s.images] == [0, 255]
+
+
+def test_save_images_round_trip(tmp_path, lgg):
+    part = lgg.subset(np.arange(10))
+    save_images(part, tmp_path / "x.npz")
+    back = load_images(tmp_path / "x.npz")
+    np.testing.assert_array_equal(back.images, part.images)
+    for key in part.meta:
+        np.testing.assert_array_equal(back.meta[key], part.meta[key])
+
+
+# --- partitions and hold-out ---------------------------------------------------------------------
+
+
+def test_partition_by_site(lgg):
+    clients = partition(lgg, "site", ["DU", "HT", "FG"], seed=0)
+    assert {k: len(v) for k, v in clients.items()} == {"DU": 1878, "HT": 1029, "FG": 640}
+    with pytest.raises(DataError, match="'XX' has no images"):
+        partition(lgg, "site", ["DU", "XX"], seed=0)
+
+
+def test_holdout_by_site(lgg):
+    train, holdout = split_holdout(lgg, holdout_sites=["CS", "EZ"])
+    assert len(holdout) == 382 and len(train) == 3929 - 382
+    assert not set(train.meta["patient"].tolist()) & set(holdout.meta["patient"].tolist())
+
+
+def test_holdout_by_fraction(lgg):
+    train, holdout = split_holdout(lgg, holdout_fraction=0.2, seed=3)
+    assert len(set(holdout.meta["patient"].tolist())) == 22
+    assert not set(train.meta["patient"].tolist()) & set(holdout.meta["patient"].tolist())
+    assert len(train) + len(holdout) == len(lgg)
+    again, _ = split_holdout(lgg, holdout_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(again.images, train.images)
+
+
+def _assignment(clients: dict[str, ImageSet], lgg: ImageSet) -> np.ndarray:
+    """Which client each image went to, found via a unique id stored in meta."""
+    owner = np.full(len(lgg), -1)
+    for i, part in enumerate(clients.values()):
+        assert (owner[part.meta["uid"]] == -1).all()  # no image in two clients
+        owner[part.meta["uid"]] = i
+    return owner
+
+
+@pytest.mark.parametrize("by", ["patient", "iid", "dirichlet"])
+def test_seeded_partitions_cover_everything(by, lgg):
+    tagged = ImageSet(lgg.images, {**lgg.meta, "uid": np.arange(len(lgg))})
+    a = _assignment(partition(tagged, by, 4, seed=1), tagged)
+    assert (a >= 0).all()  # every image exactly once
+    np.testing.assert_array_equal(a, _assignment(partition(tagged, by, 4, seed=1), tagged))
+    assert (a != _assignment(partition(tagged, by, 4, seed=2), tagged)).any()
+    if by == "patient":  # whole patients stay together
+        clients = partition(tagged, by, 4, seed=1)
+        names = [set(c.meta["patient"].tolist()) for c in clients.values()]
+        assert sum(len(n) for n in names) == 110 and list(clients) == ["client0", "client1", "client2", "client3"]
+
+
+def test_iid_equal_and_dirichlet_skew(lgg):
+    sizes = [len(c) for c in partition(lgg, "iid", 3, seed=0).values()]
+    assert max(sizes) - min(sizes) <= 1
+    skewed = partition(lgg, "dirichlet", 3, seed=0, alpha=0.1)
+    shares = [np.mean(c.meta["site"] == "DU") for c in skewed.values()]
+    assert max(shares) - min(shares) > 0.3  # small alpha: clients differ a lot in site mix
+
+
+@pytest.mark.parametrize(
+    "by, clients, match",
+    [("hospital", 3, "unknown by='hospital'"), ("patient", 0, "int k >= 1"), ("iid", 4000, "without images")],
+)
+def test_partition_errors(lgg, by, clients, match):
+    with pytest.raises(DataError, match=match):
+        partition(lgg, by, clients, seed=0)
+
+
+# --- conversions ---------------------------------------------------------------------------------
+
+
+def test_to_model_round_trip():
+    gray = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
+    x = to_model(gray)
+    assert x.dtype == torch.float32 and x.shape == (4, 1, 8, 8)
+    assert x.min() == -1 and x.max() == 1
+    np.testing.assert_array_equal(to_uint8(x), gray)
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    assert to_model(rgb).shape == (2, 3, 5, 7)
+    np.testing.assert_array_equal(to_uint8(to_model(rgb)), rgb)
+    assert to_uint8(torch.tensor([[[[-3.0, 3.0]]]])).tolist() == [[[0, 255]]]
+
+
+def test_normalise_intensity():
+    x = np.zeros((3, 20, 20), np.uint8)
+    x[1] = np.linspace(0, 100, 400).reshape(20, 20)
+    x[2, 0, 0] = 9  # blank but for one pixel: left alone rather than blown up to 255
+    out = normalise_intensity(x, "percentile")
+    assert out.dtype == np.uint8
+    assert (out[0] == 0).all()
+    assert out[1].max() == 255 and out[1, 0, 0] == 0
+    np.testing.assert_array_equal(out[2], x[2])
+    assert normalise_intensity(x, "none") is x
+    with pytest.raises(DataError, match="unknown method 'zscore'"):
+        normalise_intensity(x, "zscore")
+
+
+def test_save_grid(tmp_path, lgg):
+    save_grid(lgg.images[:10], tmp_path / "grid.png", nrow=4)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (3 * 34 + 2, 4 * 34 + 2)
+    assert not (tmp_path / "grid.png.tmp").exists()
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="nope.npz: no such file"):
+        load_images(tmp_path / "nope.npz")
+
+
+def test_corrupt_files(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x00garbage" * 20)
+    (tmp_path / "bad.npz").write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(DataError, match="bad.png: not a readable image"):
+        load_images(tmp_path / "bad.png")
+    with pytest.raises(DataError, match="bad.png: not a readable image"):
+        load_images(tmp_path)  # a corrupt file in a folder is an error, not skipped
+    with pytest.raises(DataError, match="bad.npz: not a readable .npz"):
+        load_images(tmp_path / "bad.npz")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path.name}: no readable images"):
+        load_images(tmp_path)
+
+
+def test_npz_without_images(tmp_path):
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    with pytest.raises(DataError, match=r"x.npz: expected key 'images' .*found keys \['a'\]"):
+        load_images(tmp_path / "x.npz")
+
+
+def test_npz_with_object_array(tmp_path):
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4), np.uint8), site=np.array(["A", None], dtype=object))
+    with pytest.raises(DataError, match="x.npz: not a readable .npz without pickled objects"):
+        load_images(tmp_path / "x.npz")
