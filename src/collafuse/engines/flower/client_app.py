@@ -1,16 +1,30 @@
 """CollaFuse ClientApp: a thin Flower adapter over ``collafuse.client.Client``.
 
+Every Flower message starts a fresh ClientApp process on the node, so the Client lives on
+node-local disk between messages: ``<state-dir>/client.pt`` (model, optimiser, EMA, RNG,
+data cursor; written atomically) next to ``<state-dir>/config.toml`` (the run's config, which
+the server sends with every message; a different config on a later message is refused).
+
 Message types handled:
 
-- ``query.ping``: transport smoke test; echoes the arrays back doubled and names the node.
+- ``query.hello``: build (first contact) or load the Client; reply its id and image count.
+- ``train``: ``Client.train_round(K)``; save the state; reply the K encoded messages.
+- ``query.sample``: the server's ``PartialSamples`` -> ``Client.finish_samples`` -> PNG grid
+  and npz under ``<out-dir>``, on the node's own disk; only file names and sizes go back.
+- ``query.ping``: transport smoke test.
 
-``node_config`` keys (set with ``flower-supernode --node-config``):
-``client-id`` (str), ``data-path`` (the node's images), ``state-dir`` (node-local folder
-for the Client's persistent state), optional ``out-dir`` (default ``<state-dir>/out``).
+``node_config`` (``flower-supernode --node-config``): ``client-id``, ``data-path`` (the
+node's images, any format ``collafuse.data.load_images`` reads; ``cfg.data.intensity`` and
+``cfg.data.max_images_per_client`` are applied here), ``state-dir``, optional ``out-dir``
+(default ``<state-dir>/samples``). In the simulation engine nodes have only
+``partition-id``; the run config's ``sim-clients`` (comma-separated ids, in order) and
+``sim-state-dir`` then name the client, and its images are its partition of
+``cfg.data.path`` exactly as the in-process engine makes it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +35,122 @@ from . import transport
 from .common import atomic_write_json, info, node_setting
 
 app = ClientApp()
+
+STATE_FILE = "client.pt"
+CONFIG_FILE = "config.toml"
+PROGRESS_FILE = "progress.json"
+
+
+def _identity(context: Context) -> tuple[str, Path, Path | None, Path]:
+    """(client-id, state-dir, data-path or None for 'my partition of cfg.data.path', out-dir)."""
+    nc = context.node_config
+    if "client-id" in nc:
+        cid = str(nc["client-id"])
+        state_dir = Path(str(node_setting(nc, "state-dir")))
+        data = nc.get("data-path")
+        data_path = Path(str(data)) if data not in (None, "", "partition") else None
+    else:  # simulation engine: virtual nodes only know their partition id
+        ids = [s.strip() for s in str(context.run_config.get("sim-clients", "")).split(",") if s.strip()]
+        pid = int(node_setting(nc, "partition-id"))
+        if pid >= len(ids):
+            raise ValueError(f"simulation node {pid}: run config sim-clients={ids} names too few clients")
+        cid = ids[pid]
+        state_dir = Path(str(context.run_config.get("sim-state-dir", "runs/flower-sim"))) / cid
+        data_path = None
+    out_dir = Path(str(nc.get("out-dir") or state_dir / "samples"))
+    return cid, state_dir, data_path, out_dir
+
+
+def _load_client(msg: Message, context: Context):
+    """The node's Client: made on first contact, else restored from its state folder."""
+    from ...config import ConfigError
+    from ...data import load_images, normalise_intensity
+    from ...factory import load_client_data, make_client
+    from ...state import save_state  # noqa: F401  (Client.save uses it)
+    from .server_app import config_from_text
+
+    _, meta = transport.unpack(msg.content)
+    cfg_text = str(meta["config-toml"])
+    cfg = config_from_text(cfg_text)
+    cid, state_dir, data_path, out_dir = _identity(context)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = state_dir / CONFIG_FILE
+    if cfg_file.is_file() and cfg_file.read_text() != cfg_text:
+        raise ConfigError(f"{cfg_file}: this node's state belongs to a run with another config; "
+                          "use a fresh state-dir for a new run")
+    if data_path is None:
+        parts, _ = load_client_data(cfg)
+        if cid not in parts:
+            raise ValueError(f"client {cid!r} is not a partition of {cfg.data.path} (have {sorted(parts)})")
+        images = parts[cid]
+    else:
+        images = load_images(data_path, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        images.images = normalise_intensity(images.images, cfg.data.intensity)
+        if cfg.data.max_images_per_client:
+            images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
+    client = make_client(cfg, cid, images)
+    if (state_dir / STATE_FILE).is_file():
+        client.load(state_dir / STATE_FILE)
+    else:
+        cfg_file.write_text(cfg_text)
+    progress = {"round": 0}
+    if (state_dir / PROGRESS_FILE).is_file():
+        progress = json.loads((state_dir / PROGRESS_FILE).read_text())
+    return client, meta, cid, state_dir, out_dir, progress
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    client, _, cid, state_dir, _, progress = _load_client(msg, context)
+    if not (state_dir / STATE_FILE).is_file():
+        client.save(state_dir / STATE_FILE)
+        atomic_write_json(state_dir / PROGRESS_FILE, progress)
+    info("hello: client %s, %d images, at round %d", cid, len(client.images), progress["round"])
+    return Message(content=transport.pack([], {"client-id": cid, "num-images": len(client.images),
+                                               "round": int(progress["round"])}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from ...messages import encode
+
+    client, meta, cid, state_dir, _, progress = _load_client(msg, context)
+    rnd, k = int(meta["round"]), int(meta["batches"])
+    out = client.train_round(k)
+    client.save(state_dir / STATE_FILE)
+    progress = {"round": rnd, "client-steps": client.steps}
+    atomic_write_json(state_dir / PROGRESS_FILE, progress)
+    encoded = [encode(m) for m in out]
+    info("train: client %s round %d, %d batches, %d bytes out", cid, rnd, k, transport.nbytes(encoded))
+    return Message(content=transport.pack(encoded, {"client-id": cid, "round": rnd,
+                                                    "client-loss": float(client.last_loss or 0.0)}),
+                   reply_to=msg)
+
+
+@app.query("sample")
+def sample(msg: Message, context: Context) -> Message:
+    from ...data import save_grid, to_uint8
+    from ...messages import MessageError, PartialSamples, decode
+
+    client, meta, cid, _, out_dir, _ = _load_client(msg, context)
+    arrays, _ = transport.unpack(msg.content)
+    if len(arrays) != 1:
+        raise MessageError(f"sample request for {cid}: expected one partial-samples message, got {len(arrays)}")
+    partial = decode(arrays[0])
+    if not isinstance(partial, PartialSamples):
+        raise MessageError(f"sample request for {cid}: expected partial-samples, got {partial.kind}")
+    seed = int(meta.get("seed", 0))
+    images = client.finish_samples(partial, seed)
+    pixels = to_uint8(images)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, npz = out_dir / f"{cid}.png", out_dir / f"{cid}.npz"
+    save_grid(pixels, png, nrow=int(np.ceil(np.sqrt(len(pixels)))))
+    tmp = npz.with_name(npz.name + ".tmp.npz")
+    np.savez_compressed(tmp, images=pixels, handover=partial.x.numpy())
+    tmp.replace(npz)
+    info("sample: client %s wrote %d images to %s", cid, len(pixels), out_dir)
+    return Message(content=transport.pack([], {"client-id": cid, "png": str(png), "npz": str(npz),
+                                               "num-images": len(pixels)}), reply_to=msg)
 
 
 @app.query("ping")
