@@ -131,9 +131,12 @@ class Deployment:
         return ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
                 "--ssl-keyfile", str(c / "server.key")]
 
-    def start_superlink(self, timeout: float = 30.0) -> int:
+    def start_superlink(self, timeout: float = 30.0, simulation: bool = False) -> int:
+        """Start flower-superlink; ``simulation=True`` runs the simulation engine (no SuperNodes;
+        pass ``federation_config={"num-supernodes": N}`` to :meth:`run`)."""
         self.port = free_port()
         cmd = [str(BIN / "flower-superlink"), *self._tls_args_server(),
+               *(["--simulation"] if simulation else []),
                "--host", "127.0.0.1", "--port", str(self.port),
                "--database", str(self.workdir / "superlink-home" / "state.db")]
         if self.node_auth:
