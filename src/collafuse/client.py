@@ -1,0 +1,93 @@
+"""A CollaFuse client: its images, its local model of the low-noise steps t < s, its optimiser.
+
+It talks to the server only through messages (:mod:`collafuse.messages`): per batch it
+diffuses its images (the paper's Figure 1, step 2), keeps the samples of its own timesteps
+and trains on them (steps 5/6), and returns the server-owned part as a message (step 3).
+For sampling it asks for partial samples and finishes them over t = s-1 .. 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .diffusion import add_noise, client_timesteps, denoise, handover_view, server_owns
+from .messages import Message, PartialSamples, SampleRequest, check_images
+from .party import Party
+from .protocols import local_loss, server_message
+
+
+class Client(Party):
+    def __init__(self, client_id: str, images: torch.Tensor, model: torch.nn.Module,
+                 scheduler, cut: int, protocol: str, batch_size: int, lr: float,
+                 seed: int, ema_decay: float | None = None):
+        """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere."""
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
+                             f"got shape {tuple(images.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
+        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay)
+        self.client_id = client_id
+        self.images = images
+        self.batch_size = min(batch_size, len(images))
+        self.views = self._make_views(seed) if self.protocol == "noisy-data" else None
+        self.order = torch.randperm(len(images), generator=self.generator)
+        self.position = 0
+
+    def _make_views(self, seed: int) -> torch.Tensor:
+        # One view per image, its noise xi drawn once from the run's seed and kept: a fresh xi
+        # every epoch would let the server average an image's views and strip the noise
+        # (DESIGN.md section 3). Drawn from its own generator so it survives a restart.
+        xi = torch.randn(self.images.shape, generator=torch.Generator().manual_seed(seed + 1))
+        return handover_view(self.scheduler, self.images, xi, self.cut)
+
+    def _next_indices(self) -> torch.Tensor:
+        """The next batch of an epoch-wise shuffle; a new permutation when an epoch ends."""
+        if self.position + self.batch_size > len(self.order):
+            self.order = torch.randperm(len(self.images), generator=self.generator)
+            self.position = 0
+        idx = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def train_round(self, num_batches: int = 1) -> list[Message]:
+        """Diffuse ``num_batches`` batches, train on the own timesteps, return server messages."""
+        return [self._train_batch() for _ in range(num_batches)]
+
+    def _train_batch(self) -> Message:
+        idx = self._next_indices()
+        x0 = self.images[idx]
+        t = torch.randint(0, self.num_timesteps, (len(idx),), generator=self.generator)
+        eps = torch.randn(x0.shape, generator=self.generator)
+        sent = server_owns(t, self.cut)
+        own = ~sent
+        if bool(own.any()):
+            self._optimise(local_loss(self._eps, self.scheduler, x0[own], t[own], eps[own]))
+        self.steps += 1
+        x_t = add_noise(self.scheduler, x0[sent], eps[sent], t[sent])
+        views = self.views[idx[sent]] if self.views is not None else None
+        return server_message(self.protocol, self.client_id, x_t, t[sent], eps[sent], views,
+                              self.cut)
+
+    def request_samples(self, num_samples: int, seed: int = 0) -> SampleRequest:
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples}")
+        return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed)
+
+    @torch.no_grad()
+    def finish_samples(self, partial: PartialSamples, seed: int = 0) -> torch.Tensor:
+        """Run the client's steps t = s-1 .. 0 on the server's hand-over; images in [-1, 1]."""
+        if partial.cut != self.cut:
+            raise ValueError(f"partial samples made for cut index {partial.cut}, "
+                             f"client {self.client_id} uses {self.cut}")
+        x = check_images(partial, "x", tuple(self.images.shape[1:]))
+        return denoise(self._sampling_eps, self.scheduler, x, client_timesteps(self.cut),
+                       torch.Generator().manual_seed(seed))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.order = state["order"]
+        self.position = state["position"]

@@ -1,0 +1,210 @@
+"""Run configuration: TOML files validated into typed dataclasses.
+
+Every field has a default that says what it means; an unknown section or key, or a value of
+the wrong type, is a one-line error. Any field can be overridden as ``section.key=value``
+(the value is read as TOML, so ``train.lr=3e-4``, ``data.clients=["DU","HT"]``; a bare word is
+taken as a string). This module imports nothing from collafuse, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (one-line reason)."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # the one seed: data split, initial weights and every noise draw
+    name: str = "collafuse"  # the run folder's default name under runs/
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/lgg_flair_32.npz"  # npz, image folder, NIfTI file, DICOM or LGG folder
+    image_size: int = 32  # images are cropped to a square and resized to this
+    channels: int = 1  # 1 grayscale, 3 RGB
+    intensity: str = "percentile"  # "percentile" (per-slice 99.5th -> 255) or "none"
+    partition: str = "site"  # "site", "patient", "iid" or "dirichlet"
+    clients: list[str] = field(default_factory=lambda: ["DU", "HT", "FG"])  # sites, by="site"
+    num_clients: int = 3  # for partition "patient", "iid" and "dirichlet"
+    dirichlet_alpha: float = 0.5  # skew of the "dirichlet" partition (small = more skewed)
+    holdout_sites: list[str] = field(default_factory=lambda: ["CS", "EZ"])  # whole hospitals
+    holdout_fraction: float = 0.0  # or a seeded fraction of patients, when no sites are given
+    max_images_per_client: int = 0  # 0 = all; a cap for quick runs
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 100  # T
+    cut_ratio: float = 0.6  # c: the client owns the round(c * T) low-noise steps
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "small"  # "tiny" (tests), "small" (CPU), "paper" (128x128, GPU)
+
+
+@dataclass
+class TrainConfig:
+    protocol: str = "shared-noise"  # "shared-noise" (the paper's) or "noisy-data"
+    batch_size: int = 64  # images per client per batch
+    lr: float = 1e-3  # Adam, for every party
+    steps: int = 1000  # batches per client; ignored when epochs > 0
+    epochs: int = 0  # passes over the largest client's data; 0 = use steps
+    batches_per_round: int = 1  # K: batches a client diffuses per message exchange
+    ema_decay: float = 0.0  # EMA of the weights used for sampling; 0 = off
+    checkpoint_every: int = 50  # rounds between checkpoints
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 16  # per client, after training
+    seed: int = 0
+
+
+@dataclass
+class SweepConfig:
+    cut_ratios: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        return "\n".join(_toml_section(name, values) for name, values in self.to_dict().items())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from the defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw, source=str(path) if path else "config")
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    sections = {f.name: f.type for f in fields(Config)}
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]; expected one of "
+                              f"{sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        built[name] = _build_section(hints[name], values, f"{source}: {name}")
+    cfg = Config(**built)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _build_section(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key; expected one of {sorted(hints)}")
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{where}.{key}: expected {_type_name(hints[key])}, "
+                              f"got {value!r}")
+    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    return cls(**converted)
+
+
+def _matches(value, hint) -> bool:
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint) if typing.get_origin(hint) else hint.__name__
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Range checks that a type alone cannot express."""
+    checks = [
+        (0.0 <= cfg.diffusion.cut_ratio <= 1.0, "diffusion.cut_ratio", "a number in [0, 1]"),
+        (all(0.0 <= c <= 1.0 for c in cfg.sweep.cut_ratios), "sweep.cut_ratios",
+         "numbers in [0, 1]"),
+        (cfg.diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "an integer >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "an integer >= 1"),
+        (cfg.train.lr > 0, "train.lr", "a positive number"),
+        (cfg.train.steps >= 1 or cfg.train.epochs >= 1, "train.steps",
+         "an integer >= 1 (or train.epochs >= 1)"),
+        (cfg.train.batches_per_round >= 1, "train.batches_per_round", "an integer >= 1"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1"),
+        (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)"),
+        (cfg.train.protocol in ("shared-noise", "noisy-data"), "train.protocol",
+         "'shared-noise' or 'noisy-data'"),
+        (cfg.data.channels in (1, 3), "data.channels", "1 or 3"),
+        (cfg.data.image_size >= 8, "data.image_size", "an integer >= 8"),
+        (cfg.sample.num_samples >= 1, "sample.num_samples", "an integer >= 1"),
+    ]
+    for ok, name, expected in checks:
+        if not ok:
+            value = _get(cfg, name)
+            raise ConfigError(f"{source}: {name}: expected {expected}, got {value!r}")
+
+
+def _get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _parse_override(item: str) -> tuple[str, str, object]:
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as noisy-data is a string
+    return section, key.strip(), value
+
+
+def _toml_section(name: str, values: dict) -> str:
+    lines = [f"[{name}]"]
+    for key, value in values.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

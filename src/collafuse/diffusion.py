@@ -1,0 +1,109 @@
+"""The diffusion math of CollaFuse: schedule, cut, noising and the split sampling loop.
+
+One timestep convention everywhere (DESIGN.md section 2, the diffusers convention):
+t = 0 .. T-1, ``alphas_cumprod[t]`` = abar_t, ``add_noise(x0, eps, t)`` =
+sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and ``scheduler.step(eps_hat, t, x_t)`` gives x_{t-1}.
+With the cut index s = round(c * T) the client owns t < s and the server owns t >= s.
+
+Everything here is a pure function over tensors; no model lives in this module except as an
+argument of :func:`denoise`, and nothing else in the package re-derives a schedule or a cut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_scheduler(num_timesteps: int = 100) -> DDPMScheduler:
+    """The cosine schedule of Nichol & Dhariwal 2021 (diffusers ``squaredcos_cap_v2``)."""
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps: expected an integer >= 1, got {num_timesteps}")
+    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule="squaredcos_cap_v2")
+
+
+def cut_index(cut_ratio: float, num_timesteps: int) -> int:
+    """s = round(c * T), rounding halves up (c * T = 2.5 gives 3, not Python's banker's 2).
+
+    The client owns the s low-noise steps t < s, the server the T - s steps t >= s; c = 1 is
+    all local (s = T), c = 0 all on the server (s = 0). The tiny epsilon keeps products like
+    0.35 * 100 = 34.99999... from rounding the wrong way.
+    """
+    if not 0.0 <= cut_ratio <= 1.0 or math.isnan(cut_ratio):
+        raise ValueError(f"cut_ratio: expected a number in [0, 1], got {cut_ratio}")
+    return min(num_timesteps, math.floor(cut_ratio * num_timesteps + 0.5 + 1e-9))
+
+
+def server_owns(t: torch.Tensor, cut: int) -> torch.Tensor:
+    """Boolean mask of the timesteps the server owns (t >= s)."""
+    return t >= cut
+
+
+def server_timesteps(cut: int, num_timesteps: int) -> list[int]:
+    """The generation steps the server runs, in order: T-1 down to s (empty when s = T)."""
+    return list(range(num_timesteps - 1, cut - 1, -1))
+
+
+def client_timesteps(cut: int) -> list[int]:
+    """The generation steps a client runs, in order: s-1 down to 0 (empty when s = 0)."""
+    return list(range(cut - 1, -1, -1))
+
+
+def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gather values[t] and shape it to broadcast over a NCHW batch."""
+    out = values.to(like.device)[t.to(like.device)].to(like.dtype)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor,
+              t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4)."""
+    abar = _per_sample(scheduler.alphas_cumprod, t, x0)
+    return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
+
+
+def _abar_before_cut(scheduler: DDPMScheduler, cut: int) -> torch.Tensor:
+    """abar_{s-1}, the signal level of the hand-over; 1 for s = 0 (the clean image)."""
+    return scheduler.alphas_cumprod[cut - 1] if cut > 0 else torch.tensor(1.0)
+
+
+def handover_view(scheduler: DDPMScheduler, x0: torch.Tensor, xi: torch.Tensor,
+                  cut: int) -> torch.Tensor:
+    """The noisy-data protocol's view y = add_noise(x0, xi, s-1); with s = 0 it is x0 itself."""
+    abar = _abar_before_cut(scheduler, cut).to(x0.dtype)
+    return abar.sqrt() * x0 + (1.0 - abar).sqrt() * xi
+
+
+def renoise_coefficients(scheduler: DDPMScheduler, t: torch.Tensor,
+                         cut: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a_t, b_t, sigma_t) for re-noising a hand-over view y to a level t >= s.
+
+    x_t = a_t y + b_t eta with a_t = sqrt(abar_t / abar_{s-1}), b_t = sqrt(1 - abar_t / abar_{s-1})
+    has exactly the marginal of add_noise(x0, ., t) (DESIGN.md section 3); sigma_t = sqrt(1 - abar_t).
+    Returned as 1-D tensors over the batch.
+    """
+    if bool((t < cut).any()):
+        raise ValueError(f"renoise_coefficients: timesteps must be >= s = {cut}")
+    abar = scheduler.alphas_cumprod[t]
+    ratio = abar / _abar_before_cut(scheduler, cut)
+    return ratio.sqrt(), (1.0 - ratio).sqrt(), (1.0 - abar).sqrt()
+
+
+def denoise(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
+            timesteps: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the ancestral DDPM sampler over exactly the given (descending) timesteps.
+
+    Starting from x = x_{timesteps[0]} it returns x_{timesteps[-1] - 1} (the clean image when the
+    last step is t = 0). An empty range returns x unchanged, so the server with s = T hands over
+    pure noise and a client with s = 0 has nothing to do. ``model(x, t)`` predicts eps.
+    """
+    for t in timesteps:
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps_hat = model(x, t_batch)
+        x = scheduler.step(eps_hat, t, x, generator=generator).prev_sample
+    return x

@@ -1,0 +1,210 @@
+"""The in-process engine: carries messages between parties that live in one Python process.
+
+One round: every client diffuses K batches, trains on its own timesteps and returns its
+server-bound messages; then the server takes one step per batch index on the union of the
+clients' messages of that index (clients in config order). The Flower engine keeps exactly
+this order, so both produce the same models under the same seed.
+
+A run folder (DESIGN.md section 5) holds the resolved config, one checkpoint written
+atomically every ``train.checkpoint_every`` rounds, the metrics log, sample grids and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, load_config
+from ..data import save_grid, to_uint8
+from ..factory import load_client_data, make_client, make_server, total_rounds
+from ..state import load_state, save_state
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class Run:
+    """The parties of one run and the bookkeeping around them."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        client_data, self.holdout = load_client_data(cfg)
+        self.server = make_server(cfg)
+        self.clients = {cid: make_client(cfg, cid, data) for cid, data in client_data.items()}
+        self.rounds = total_rounds(cfg, [len(d) for d in client_data.values()])
+        self.round = 0
+        self.bytes = {name: {"sent": 0, "received": 0} for name in ["server", *self.clients]}
+        self.seconds = {name: 0.0 for name in ["server", *self.clients]}
+
+    def train_round(self) -> dict:
+        """One round; returns its metrics line."""
+        outbox: dict[str, list] = {}
+        for cid, client in self.clients.items():
+            start = time.perf_counter()
+            outbox[cid] = client.train_round(self.cfg.train.batches_per_round)
+            self.seconds[cid] += time.perf_counter() - start
+            self._count(cid, "server", sum(m.nbytes for m in outbox[cid]))
+        start = time.perf_counter()
+        server_losses = [self.server.train_step([outbox[cid][k] for cid in self.clients])
+                         for k in range(self.cfg.train.batches_per_round)]
+        self.seconds["server"] += time.perf_counter() - start
+        self.round += 1
+        losses = [x for x in server_losses if x is not None]
+        return {
+            "round": self.round,
+            "server_loss": float(np.mean(losses)) if losses else None,
+            **{f"client_loss/{cid}": c.last_loss for cid, c in self.clients.items()},
+        }
+
+    def sample(self, client_id: str, num_samples: int, seed: int) -> tuple:
+        """Split inference for one client; returns (images in [-1, 1], the server's hand-over)."""
+        client = self.clients[client_id]
+        request = client.request_samples(num_samples, seed)
+        self._count(client_id, "server", request.nbytes)
+        start = time.perf_counter()
+        partial = self.server.generate(request)
+        self.seconds["server"] += time.perf_counter() - start
+        self._count("server", client_id, partial.nbytes)
+        start = time.perf_counter()
+        images = client.finish_samples(partial, seed)
+        self.seconds[client_id] += time.perf_counter() - start
+        return images, partial.x
+
+    def _count(self, sender: str, receiver: str, nbytes: int) -> None:
+        self.bytes[sender]["sent"] += nbytes
+        self.bytes[receiver]["received"] += nbytes
+
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "server": self.server.state_dict(),
+            "clients": {cid: c.state_dict() for cid, c in self.clients.items()},
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = state["round"]
+        self.server.load_state_dict(state["server"])
+        for cid, client in self.clients.items():
+            client.load_state_dict(state["clients"][cid])
+        self.bytes, self.seconds = state["bytes"], state["seconds"]
+
+
+def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
+                 stop_after_round: int | None = None, progress: bool = True) -> Run:
+    """Train (or resume) a run in ``run_dir``; sample and summarise when training is complete.
+
+    ``stop_after_round`` ends the run early after checkpointing, as an interruption would.
+    """
+    run_dir = Path(run_dir)
+    run = Run(cfg)
+    _open_run_dir(cfg, run_dir, resume, run)
+    with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
+              disable=not progress, unit="round") as bar, \
+            open(run_dir / METRICS, "a") as log:
+        while run.round < run.rounds:
+            line = run.train_round()
+            log.write(json.dumps(line) + "\n")
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in line.items()
+                             if k != "round" and v is not None}, refresh=False)
+            last = run.round == run.rounds or run.round == stop_after_round
+            if last or run.round % cfg.train.checkpoint_every == 0:
+                log.flush()
+                save_state(run.state_dict(), run_dir / CHECKPOINT)
+            if run.round == stop_after_round:
+                return run
+    write_samples(run, run_dir)
+    write_summary(run, run_dir)
+    return run
+
+
+def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, run: Run) -> None:
+    """Create a fresh run folder, or restore a run from its checkpoint (config must match)."""
+    config_file = run_dir / "config.toml"
+    if resume:
+        if not config_file.is_file():
+            raise ConfigError(f"{run_dir}: not a run folder (no config.toml) to resume")
+        if load_config(config_file).to_dict() != cfg.to_dict():
+            raise ConfigError(f"{config_file}: the run was made with another config; resume "
+                              "it with `collafuse train --resume` and no changes")
+        if (run_dir / CHECKPOINT).is_file():
+            run.load_state_dict(load_state(run_dir / CHECKPOINT))
+        _truncate_metrics(run_dir / METRICS, run.round)
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: folder exists and is not empty; choose another --out "
+                          "or add --resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(config_file, cfg.to_toml())
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop log lines written after the checkpoint, which the resumed run will redo."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines()
+             if ln.strip() and json.loads(ln)["round"] <= last_round]
+    _write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
+                  seed: int | None = None) -> dict[str, Path]:
+    """Split inference for every client: a PNG grid and an npz per client under samples/."""
+    num_samples = num_samples or run.cfg.sample.num_samples
+    seed = run.cfg.sample.seed if seed is None else seed
+    out = {}
+    for cid in run.clients:
+        images, handover = run.sample(cid, num_samples, seed)
+        pixels = to_uint8(images)
+        folder = run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        save_grid(pixels, folder / f"{cid}.png", nrow=int(np.ceil(np.sqrt(num_samples))))
+        _save_npz(folder / f"{cid}.npz", images=pixels, handover=handover.numpy())
+        out[cid] = folder / f"{cid}.png"
+    return out
+
+
+def write_summary(run: Run, run_dir: Path) -> dict:
+    cfg = run.cfg
+    summary = {
+        "protocol": cfg.train.protocol,
+        "cut_ratio": cfg.diffusion.cut_ratio,
+        "cut_index": run.server.cut,
+        "num_timesteps": cfg.diffusion.num_timesteps,
+        "rounds": run.round,
+        "server_steps": run.server.steps,
+        "server_loss": run.server.last_loss,
+        "clients": {cid: {"images": len(c.images), "loss": c.last_loss}
+                    for cid, c in run.clients.items()},
+        "bytes": run.bytes,
+        "seconds": run.seconds,
+    }
+    _write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Rebuild a finished or interrupted run from its folder."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    run = Run(cfg)
+    run.load_state_dict(load_state(run_dir / CHECKPOINT))
+    return run
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)

@@ -1,0 +1,72 @@
+"""Build a run's data, server and clients from a Config: the one place where config meets parties.
+
+Both engines (in-process and Flower) build their parties here, so that the same config and
+seed give the same models whatever carries the messages.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from .client import Client
+from .config import Config
+from .data import ImageSet, load_images, normalise_intensity, partition, split_holdout, to_model
+from .diffusion import cut_index, make_scheduler
+from .models import make_unet
+from .server import Server
+
+
+def party_seed(cfg: Config, party: str) -> int:
+    """A stable per-party seed derived from the run's one seed (crc32, not Python's hash)."""
+    return (cfg.run.seed * 1_000_003 + zlib.crc32(party.encode())) % 2**31
+
+
+def load_client_data(cfg: Config) -> tuple[dict[str, ImageSet], ImageSet]:
+    """The clients' training sets and the hold-out set of whole patients nobody trains on."""
+    d = cfg.data
+    images = load_images(d.path, image_size=d.image_size, channels=d.channels)
+    images.images = normalise_intensity(images.images, d.intensity)
+    train, holdout = split_holdout(images, holdout_sites=d.holdout_sites or None,
+                                   holdout_fraction=d.holdout_fraction, seed=cfg.run.seed)
+    clients = d.clients if d.partition == "site" else d.num_clients
+    parts = partition(train, by=d.partition, clients=clients, seed=cfg.run.seed,
+                      alpha=d.dirichlet_alpha)
+    if d.max_images_per_client:
+        parts = {name: part.subset(range(min(len(part), d.max_images_per_client)))
+                 for name, part in parts.items()}
+    return parts, holdout
+
+
+def image_shape(cfg: Config) -> tuple[int, int, int]:
+    return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def make_server(cfg: Config) -> Server:
+    torch.manual_seed(party_seed(cfg, "server:init"))
+    model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
+    scheduler = make_scheduler(cfg.diffusion.num_timesteps)
+    return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
+                  cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
+                  seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None)
+
+
+def make_client(cfg: Config, client_id: str, images: ImageSet) -> Client:
+    torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
+    model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
+    scheduler = make_scheduler(cfg.diffusion.num_timesteps)
+    return Client(client_id, to_model(images.images), model, scheduler,
+                  cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
+                  cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
+                  seed=party_seed(cfg, f"client:{client_id}"),
+                  ema_decay=cfg.train.ema_decay or None)
+
+
+def total_rounds(cfg: Config, client_sizes: list[int]) -> int:
+    """Rounds of K batches per client: train.steps batches, or train.epochs passes over the
+    largest client's data (smaller clients then see their data more often)."""
+    t = cfg.train
+    steps = t.epochs * math.ceil(max(client_sizes) / t.batch_size) if t.epochs else t.steps
+    return math.ceil(steps / t.batches_per_round)

@@ -1,0 +1,128 @@
+"""What clients and the server say to each other: small dataclasses of arrays plus metadata.
+
+Parties speak only in these messages; engines (in-process, Flower) only carry them. Each
+message knows its size in bytes and encodes to a flat ``dict[str, np.ndarray]`` (no pickles),
+which is what npz files and Flower ``ArrayRecord``s hold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+
+class MessageError(ValueError):
+    """A message that is malformed or does not fit the receiver (one-line reason)."""
+
+
+@dataclass
+class Message:
+    kind: ClassVar[str] = ""
+    protocol: ClassVar[str | None] = None  # the training protocol a message belongs to
+    client_id: str
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    @property
+    def meta(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not isinstance(getattr(self, f.name), torch.Tensor)}
+
+    @property
+    def batch_size(self) -> int:
+        """Number of images carried (0 for a request)."""
+        return max((x.shape[0] for x in self.tensors.values() if x.dim() == 4), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in encode(self).values())
+
+
+@dataclass
+class NoisedBatch(Message):
+    """shared-noise (the paper's protocol): noised images of server-owned timesteps, with t and
+    the noise itself. Given all three the server recovers x0 exactly (DESIGN.md section 3)."""
+
+    kind: ClassVar[str] = "noised-batch"
+    protocol: ClassVar[str] = "shared-noise"
+    x_t: torch.Tensor  # float32 (N, C, H, W)
+    t: torch.Tensor  # int64 (N,), every t >= s
+    eps: torch.Tensor  # float32 (N, C, H, W)
+
+
+@dataclass
+class NoisyViews(Message):
+    """noisy-data: one fixed view y = add_noise(x0, xi, s-1) per image; no noise, no t."""
+
+    kind: ClassVar[str] = "noisy-views"
+    protocol: ClassVar[str] = "noisy-data"
+    views: torch.Tensor  # float32 (N, C, H, W)
+    cut: int  # the cut index s the views were made for
+
+
+@dataclass
+class SampleRequest(Message):
+    """A client asks the server for n partial samples."""
+
+    kind: ClassVar[str] = "sample-request"
+    num_samples: int
+    seed: int
+
+
+@dataclass
+class PartialSamples(Message):
+    """The server's samples at the hand-over, x_{s-1} (pure noise when s = T)."""
+
+    kind: ClassVar[str] = "partial-samples"
+    x: torch.Tensor  # float32 (N, C, H, W)
+    cut: int
+
+
+KINDS = {cls.kind: cls for cls in (NoisedBatch, NoisyViews, SampleRequest, PartialSamples)}
+TRAINING_KINDS = {cls.protocol: cls for cls in (NoisedBatch, NoisyViews)}
+
+
+def encode(msg: Message) -> dict[str, np.ndarray]:
+    """Flatten to arrays: the tensors, plus the kind and metadata as UTF-8 JSON bytes."""
+    header = json.dumps({"kind": msg.kind, **msg.meta}).encode()
+    arrays = {"header": np.frombuffer(header, dtype=np.uint8).copy()}
+    arrays.update({k: v.detach().cpu().numpy() for k, v in msg.tensors.items()})
+    return arrays
+
+
+def decode(arrays: dict[str, np.ndarray]) -> Message:
+    """Inverse of :func:`encode`; a wrong kind, a missing array or a bad header is an error."""
+    try:
+        header = json.loads(bytes(np.asarray(arrays["header"], dtype=np.uint8)).decode())
+        cls = KINDS[header.pop("kind")]
+    except (KeyError, ValueError, TypeError) as err:
+        raise MessageError(f"message: unreadable header or unknown kind ({err})") from None
+    tensor_names = [f.name for f in fields(cls) if f.name not in header]
+    missing = [name for name in tensor_names if name not in arrays]
+    if missing:
+        raise MessageError(f"{cls.kind}: missing arrays {missing}")
+    try:
+        return cls(**header, **{k: torch.from_numpy(np.array(arrays[k])) for k in tensor_names})
+    except TypeError as err:
+        raise MessageError(f"{cls.kind}: bad fields ({err})") from None
+
+
+def check_images(msg: Message, name: str, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """Raise unless msg.<name> is a finite float32 batch of images of the expected shape."""
+    x = getattr(msg, name)
+    if x.dtype != torch.float32:
+        raise MessageError(f"{msg.kind} from {msg.client_id}: {name} has dtype {x.dtype}, "
+                           "expected float32")
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise MessageError(f"{msg.kind} from {msg.client_id}: {name} has shape "
+                           f"{tuple(x.shape)}, expected (N, {', '.join(map(str, image_shape))})")
+    if not bool(torch.isfinite(x).all()):
+        raise MessageError(f"{msg.kind} from {msg.client_id}: {name} holds NaN or inf")
+    return x

@@ -1,0 +1,67 @@
+"""What client and server have in common: a model, its optimiser, optional EMA weights, a
+random generator, and a state that can be saved and restored exactly (for --resume)."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import EMA, predict_noise
+from .protocols import check_protocol
+from .state import load_state, save_state
+
+
+class Party:
+    def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str, lr: float,
+                 seed: int, ema_decay: float | None = None):
+        self.model = model
+        self.scheduler = scheduler
+        self.cut = cut
+        self.protocol = check_protocol(protocol)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.ema = EMA(model, ema_decay) if ema_decay else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.last_loss: float | None = None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return predict_noise(self.model, x_t, t)
+
+    def _sampling_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise predictor used for generation: the EMA weights where kept."""
+        return predict_noise(self.ema.model if self.ema else self.model, x_t, t)
+
+    def _optimise(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model)
+        self.last_loss = loss.item()
+        return self.last_loss
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else {},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema:
+            self.ema.model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.steps = state["steps"]
+
+    def save(self, path) -> None:
+        save_state(self.state_dict(), path)
+
+    def load(self, path) -> None:
+        self.load_state_dict(load_state(path))

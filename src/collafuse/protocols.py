@@ -1,0 +1,62 @@
+"""The two training protocols (DESIGN.md section 3): what a client sends, the server's loss.
+
+``shared-noise`` is the paper's: the client sends (x_t, t, eps) for every image whose drawn t
+the server owns, and the server regresses eps. ``noisy-data`` never shows the server any noise:
+each image goes out as one fixed view y at the hand-over level s-1; the server re-noises y with
+its own eta to a level t >= s and minimises ||(b_t / sigma_t) eps_hat - eta||^2, whose minimiser
+is the usual noise predictor of the marginal p_t (Tweedie; Daras et al. 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from .diffusion import add_noise, renoise_coefficients
+from .messages import Message, NoisedBatch, NoisyViews
+
+PROTOCOLS = ("shared-noise", "noisy-data")
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"train.protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
+    return protocol
+
+
+def server_message(protocol: str, client_id: str, x_t: torch.Tensor, t: torch.Tensor,
+                   eps: torch.Tensor, views: torch.Tensor, cut: int) -> Message:
+    """What a client sends for the images of a batch whose t the server owns.
+
+    ``views`` are those images' fixed hand-over views (only noisy-data sends them).
+    """
+    if protocol == "shared-noise":
+        return NoisedBatch(client_id=client_id, x_t=x_t, t=t, eps=eps)
+    return NoisyViews(client_id=client_id, views=views, cut=cut)
+
+
+def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler, cut: int,
+                messages: list[Message], generator: torch.Generator) -> torch.Tensor:
+    """The server's loss on the union of the clients' messages of one batch index.
+
+    ``model_eps(x_t, t)`` is the shared model's noise prediction.
+    """
+    if protocol == "shared-noise":
+        x_t = torch.cat([m.x_t for m in messages])
+        t = torch.cat([m.t for m in messages])
+        eps = torch.cat([m.eps for m in messages])
+        return F.mse_loss(model_eps(x_t, t), eps)
+    y = torch.cat([m.views for m in messages])
+    num_timesteps = scheduler.config.num_train_timesteps
+    t = torch.randint(cut, num_timesteps, (y.shape[0],), generator=generator)
+    eta = torch.randn(y.shape, generator=generator)
+    a, b, sigma = (c.view(-1, 1, 1, 1) for c in renoise_coefficients(scheduler, t, cut))
+    x_t = a * y + b * eta
+    return F.mse_loss((b / sigma) * model_eps(x_t, t), eta)
+
+
+def local_loss(model_eps, scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor,
+               eps: torch.Tensor) -> torch.Tensor:
+    """The standard DDPM loss ||eps_hat(x_t, t) - eps||^2 (Ho et al. 2020, eq. 14)."""
+    return F.mse_loss(model_eps(add_noise(scheduler, x0, eps, t), t), eps)

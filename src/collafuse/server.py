@@ -1,0 +1,72 @@
+"""The CollaFuse server: one shared model of the high-noise steps t >= s, for all clients.
+
+It trains on what the clients send (the paper's Figure 1, step 4) and, on request, denoises
+pure noise down to the cut and hands the partial samples over. Every message is checked
+before anything of it reaches the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .diffusion import denoise, server_timesteps
+from .messages import (Message, MessageError, NoisedBatch, NoisyViews, PartialSamples,
+                       SampleRequest, TRAINING_KINDS, check_images)
+from .party import Party
+from .protocols import server_loss
+
+
+class Server(Party):
+    def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str,
+                 image_shape: tuple[int, int, int], lr: float, seed: int,
+                 ema_decay: float | None = None):
+        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay)
+        self.image_shape = tuple(image_shape)
+
+    def check(self, msg: Message) -> None:
+        """Raise MessageError unless msg is a well-formed training message of this run."""
+        expected = TRAINING_KINDS[self.protocol]
+        if not isinstance(msg, expected):
+            raise MessageError(f"{msg.kind} from {msg.client_id}: this server runs protocol "
+                               f"{self.protocol!r} and expects {expected.kind!r}")
+        if isinstance(msg, NoisedBatch):
+            n = check_images(msg, "x_t", self.image_shape).shape[0]
+            check_images(msg, "eps", self.image_shape)
+            if msg.t.dtype != torch.int64 or tuple(msg.t.shape) != (n,) or msg.eps.shape[0] != n:
+                raise MessageError(f"{msg.kind} from {msg.client_id}: t must be int64 of shape "
+                                   f"({n},) and eps must match x_t")
+            if n and not bool(((msg.t >= self.cut) & (msg.t < self.num_timesteps)).all()):
+                raise MessageError(f"{msg.kind} from {msg.client_id}: timesteps outside the "
+                                   f"server's range [{self.cut}, {self.num_timesteps})")
+        if isinstance(msg, NoisyViews):
+            check_images(msg, "views", self.image_shape)
+            if msg.cut != self.cut:
+                raise MessageError(f"{msg.kind} from {msg.client_id}: views made for cut index "
+                                   f"{msg.cut}, the server uses {self.cut}")
+
+    def train_step(self, messages: list[Message]) -> float | None:
+        """One optimiser step on the union of the clients' messages of one batch index.
+
+        Every message is checked first, so a bad one stops the step before the model sees
+        anything. Returns the loss, or None when no client sent a server-owned sample.
+        """
+        for msg in messages:
+            self.check(msg)
+        messages = [m for m in messages if m.batch_size]
+        if not messages:
+            return None
+        self.steps += 1
+        return self._optimise(server_loss(self.protocol, self._eps, self.scheduler, self.cut,
+                                          messages, self.generator))
+
+    @torch.no_grad()
+    def generate(self, request: SampleRequest) -> PartialSamples:
+        """Denoise pure noise over t = T-1 .. s; the result is x_{s-1} (pure noise when s = T)."""
+        if request.num_samples < 1:
+            raise MessageError(f"{request.kind} from {request.client_id}: num_samples must be "
+                               f">= 1, got {request.num_samples}")
+        generator = torch.Generator().manual_seed(request.seed)
+        x = torch.randn((request.num_samples, *self.image_shape), generator=generator)
+        x = denoise(self._sampling_eps, self.scheduler, x,
+                    server_timesteps(self.cut, self.num_timesteps), generator)
+        return PartialSamples(client_id=request.client_id, x=x, cut=self.cut)

@@ -1,0 +1,92 @@
+"""The Gaussian toy of DESIGN.md section 3: both protocols' loss minimisers are the optimal
+noise predictor, whose closed form is known when x0 ~ N(m, v)."""
+
+import pytest
+import torch
+
+from collafuse.diffusion import add_noise, handover_view, make_scheduler, renoise_coefficients
+from collafuse.messages import NoisedBatch, NoisyViews
+from collafuse.protocols import server_loss
+
+T, CUT, MEAN, VAR, N = 10, 4, 0.3, 0.2, 100_000
+
+
+def optimal_eps(scheduler, t):
+    """E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) m) / (abar v + 1 - abar): slope, intercept."""
+    abar = scheduler.alphas_cumprod[t].double()
+    slope = (1 - abar).sqrt() / (abar * VAR + 1 - abar)
+    return slope, -slope * abar.sqrt() * MEAN
+
+
+class PerTimestepLinear(torch.nn.Module):
+    """eps_hat(x_t, t) = alpha[t] x_t + beta[t]: rich enough to hold the optimum exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.zeros(T))
+        self.beta = torch.nn.Parameter(torch.zeros(T))
+
+    def forward(self, x, t):
+        return self.alpha[t].view(-1, 1, 1, 1) * x + self.beta[t].view(-1, 1, 1, 1)
+
+
+def fit(loss_fn):
+    """Minimise a quadratic loss exactly enough with L-BFGS (a least-squares fit)."""
+    model = PerTimestepLinear()
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=200, tolerance_grad=1e-12,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+def draw_x0(g):
+    return MEAN + VAR ** 0.5 * torch.randn(N, 1, 1, 1, generator=g)
+
+
+@pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
+def test_both_protocols_fit_the_optimal_noise_predictor(protocol):
+    scheduler = make_scheduler(T)
+    g = torch.Generator().manual_seed(0)
+    x0 = draw_x0(g)
+    if protocol == "shared-noise":
+        t = torch.randint(CUT, T, (N,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        msg = NoisedBatch(client_id="toy", x_t=add_noise(scheduler, x0, eps, t), t=t, eps=eps)
+    else:
+        view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
+        msg = NoisyViews(client_id="toy", views=view, cut=CUT)
+    # a fixed generator per call keeps the server's own draws (t, eta) the same in every
+    # evaluation, so the loss is one fixed quadratic
+    model = fit(lambda m: server_loss(protocol, m, scheduler, CUT, [msg],
+                                      torch.Generator().manual_seed(1)))
+    for t in range(CUT, T):
+        slope, intercept = optimal_eps(scheduler, t)
+        assert model.alpha[t].item() == pytest.approx(slope.item(), abs=0.03), t
+        assert model.beta[t].item() == pytest.approx(intercept.item(), abs=0.03), t
+
+
+def test_noisy_data_without_the_weighting_misses_the_optimum():
+    """The check can fail: an unweighted regression of eta (not (b/sigma) eps_hat) is off."""
+    scheduler = make_scheduler(T)
+    g = torch.Generator().manual_seed(0)
+    x0 = draw_x0(g)
+    view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
+    msg = NoisyViews(client_id="toy", views=view, cut=CUT)
+
+    def unweighted(m):
+        gen = torch.Generator().manual_seed(1)
+        t = torch.randint(CUT, T, (N,), generator=gen)
+        eta = torch.randn(view.shape, generator=gen)
+        a, b, _ = (c.view(-1, 1, 1, 1) for c in renoise_coefficients(scheduler, t, CUT))
+        return ((m(a * view + b * eta, t) - eta) ** 2).mean()
+
+    model = fit(unweighted)
+    slope, _ = optimal_eps(scheduler, CUT)
+    assert abs(model.alpha[CUT].item() - slope.item()) > 0.1

@@ -1,0 +1,89 @@
+"""End to end through the in-process engine: tiny preset, two real hospitals, a few rounds."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from collafuse.config import ConfigError
+from collafuse.engines.local import Run, load_run, run_training
+from collafuse.state import StateError, load_state
+
+RUN_FILES = ["config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json",
+             "samples/DU.png", "samples/DU.npz", "samples/HT.png", "samples/HT.npz"]
+
+
+@pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
+def test_loss_falls_and_run_folder_is_complete(tiny_config, tmp_path, protocol):
+    cfg = tiny_config(**{"train.steps": 30, "train.protocol": f'"{protocol}"',
+                         "train.checkpoint_every": 10})
+    run = run_training(cfg, tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == list(range(1, 31))
+    server = [x["server_loss"] for x in lines]
+    assert np.mean(server[-5:]) < 0.8 * np.mean(server[:5])
+    for cid in ("DU", "HT"):
+        losses = [x[f"client_loss/{cid}"] for x in lines]
+        assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    for name in RUN_FILES:
+        assert (tmp_path / "run" / name).is_file(), name
+    samples = np.load(tmp_path / "run/samples/DU.npz")
+    assert samples["images"].shape == (4, 16, 16) and samples["images"].dtype == np.uint8
+    assert samples["handover"].shape == (4, 1, 16, 16)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["protocol"] == protocol and summary["cut_index"] == 10
+    assert summary["bytes"]["DU"]["sent"] > 0 and summary["bytes"]["server"]["received"] > 0
+    assert run.server.steps > 0
+
+
+def test_resume_equals_uninterrupted(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.protocol": '"noisy-data"', "train.ema_decay": 0.9})
+    full = run_training(cfg, tmp_path / "full", progress=False)
+    run_training(cfg, tmp_path / "cut", stop_after_round=3, progress=False)
+    assert not (tmp_path / "cut/summary.json").exists()
+    resumed = run_training(cfg, tmp_path / "cut", resume=True, progress=False)
+    a, b = full.state_dict(), resumed.state_dict()
+    for party_a, party_b in [(a["server"], b["server"])] + [
+            (a["clients"][c], b["clients"][c]) for c in a["clients"]]:
+        for key in ("model", "ema"):
+            for name, tensor in party_a[key].items():
+                assert torch.equal(tensor, party_b[key][name]), (key, name)
+    assert (tmp_path / "full/metrics.jsonl").read_text() == \
+        (tmp_path / "cut/metrics.jsonl").read_text()
+    assert np.array_equal(np.load(tmp_path / "full/samples/DU.npz")["images"],
+                          np.load(tmp_path / "cut/samples/DU.npz")["images"])
+
+
+@pytest.mark.parametrize("cut_ratio, server_steps", [(0.0, 6), (1.0, 0)])
+def test_extreme_cut_ratios_leave_one_side_idle(tiny_config, tmp_path, cut_ratio, server_steps):
+    run = run_training(tiny_config(**{"diffusion.cut_ratio": cut_ratio}), tmp_path / "r",
+                       progress=False)
+    assert run.server.steps == server_steps
+    client_trained = [c.last_loss is not None for c in run.clients.values()]
+    assert all(client_trained) == (cut_ratio == 1.0)
+
+
+def test_run_folder_is_not_overwritten_and_resume_needs_same_config(tiny_config, tmp_path):
+    cfg = tiny_config()
+    run_training(cfg, tmp_path / "r", stop_after_round=2, progress=False)
+    with pytest.raises(ConfigError, match="not empty"):
+        run_training(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="another config"):
+        run_training(tiny_config(**{"train.lr": 0.01}), tmp_path / "r", resume=True,
+                     progress=False)
+
+
+def test_sampling_from_a_run_folder(tiny_config, tmp_path):
+    run_training(tiny_config(), tmp_path / "r", progress=False)
+    run = load_run(tmp_path / "r")
+    images, handover = run.sample("HT", 2, seed=3)
+    assert images.shape == (2, 1, 16, 16) and handover.shape == (2, 1, 16, 16)
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(StateError, match="checkpoint.pt") as err:
+        load_state(bad)
+    assert "\n" not in str(err.value)
