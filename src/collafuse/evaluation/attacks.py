@@ -1,0 +1,228 @@
+"""What an honest-but-curious server can recover: attacks as pure functions on tensors.
+
+Each attack takes only what the server really has: the messages it received (x_t, t, eps under
+shared-noise; one view y at the hand-over level s-1 under noisy-data), its own model and the
+public schedule. Images are float32 NCHW in [-1, 1]; scores come from
+:mod:`collafuse.evaluation.disclosure` (PSNR and SSIM with data range 2, pixel MSE).
+
+- (a) :func:`reconstruct_shared_noise`: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), exact;
+  :func:`view_estimate`: the best the server can do from a noisy-data view alone.
+- (b) :func:`tweedie_estimate`, :func:`tweedie_from_view`: the server's model as a denoiser.
+- (c) :func:`averaging_attack`: views with fresh noise every epoch, averaged over k epochs.
+- (d) :func:`membership_losses`, :func:`roc_auc`, :func:`tpr_at_fpr`: loss-based membership.
+- (e) :func:`memorisation`: nearest-neighbour distances of the server's samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from ..diffusion import add_noise, handover_view, renoise_coefficients
+from .disclosure import nearest_neighbour_mse, psnr, ssim
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _abar(scheduler: DDPMScheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t from the scheduler's own alphas_cumprod, shaped to broadcast over NCHW."""
+    return scheduler.alphas_cumprod[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def handover_signal(scheduler: DDPMScheduler, cut: int) -> tuple[float, float]:
+    """(a, b) of the hand-over view y = a x0 + b xi: a = sqrt(abar_{s-1}), b = sqrt(1 - abar_{s-1}).
+
+    s = 0 gives (1, 0): the "view" is the clean image.
+    """
+    abar = float(scheduler.alphas_cumprod[cut - 1]) if cut > 0 else 1.0
+    return abar ** 0.5, (1.0 - abar) ** 0.5
+
+
+def scores(x_hat: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
+    """Mean pixel MSE, PSNR (dB) and SSIM of estimates against the true images.
+
+    PSNR is the mean over images; an exact reconstruction has PSNR = inf.
+    """
+    x, ref = x_hat.detach().double().numpy(), x0.detach().double().numpy()
+    return {"mse": float(np.mean((x - ref) ** 2)), "psnr": float(np.mean(psnr(x, ref))),
+            "ssim": float(np.mean(ssim(x, ref)))}
+
+
+# (a) Exact reconstruction -------------------------------------------------------------------
+
+def reconstruct_shared_noise(scheduler: DDPMScheduler, x_t: torch.Tensor, t: torch.Tensor,
+                             eps: torch.Tensor) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): add_noise inverted, nothing estimated."""
+    abar = _abar(scheduler, t, x_t)
+    return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def view_estimate(scheduler: DDPMScheduler, views: torch.Tensor, cut: int) -> torch.Tensor:
+    """The server's estimate from a noisy-data view alone: y / sqrt(abar_{s-1}), clipped to [-1, 1].
+
+    y / a = x0 + (b / a) xi is the unbiased (maximum-likelihood) estimate of x0 under the
+    Gaussian view; clipping to the known pixel range can only bring it closer to x0.
+    """
+    a, _ = handover_signal(scheduler, cut)
+    return (views / a).clamp(-1.0, 1.0)
+
+
+# (b) Denoising with the server's own model ---------------------------------------------------
+
+@torch.no_grad()
+def tweedie_estimate(model: Denoiser, scheduler: DDPMScheduler, x_t: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+    """One-step Tweedie estimate E[x0 | x_t] = (x_t - sqrt(1 - abar_t) eps_hat(x_t, t)) / sqrt(abar_t),
+    clipped to [-1, 1] (Efron 2011; Ho et al. 2020, eq. 15)."""
+    abar = _abar(scheduler, t, x_t)
+    return ((x_t - (1.0 - abar).sqrt() * model(x_t, t)) / abar.sqrt()).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def tweedie_from_view(model: Denoiser, scheduler: DDPMScheduler, views: torch.Tensor, cut: int,
+                      generator: torch.Generator, num_draws: int = 8) -> torch.Tensor:
+    """The server's model applied to a noisy-data view: re-noise y to t = s, Tweedie, average.
+
+    The server's model is trained only on t >= s, so rather than run it at t = s-1 (outside
+    its range) the server re-noises y with its own eta exactly as in training,
+    x_s = a_s y + b_s eta (DESIGN.md section 3; b_s^2 = beta_s is small), and takes the Tweedie
+    estimate E[x0 | x_s]. Averaging over eta gives E[E[x0 | x_s] | y], which by Jensen has no
+    larger error than one draw: the most the server can get from y with its model in one step.
+    With s = 0 the view is already the clean image and is returned as is.
+    """
+    if cut == 0:
+        return views.clone()
+    t = torch.full((len(views),), cut, dtype=torch.long)
+    a, b, _ = (c.view(-1, 1, 1, 1) for c in renoise_coefficients(scheduler, t, cut))
+    total = torch.zeros_like(views)
+    for _ in range(num_draws):
+        eta = torch.randn(views.shape, generator=generator)
+        total += tweedie_estimate(model, scheduler, a * views + b * eta, t)
+    return total / num_draws
+
+
+# (c) Averaging attack ------------------------------------------------------------------------
+
+def averaging_attack(scheduler: DDPMScheduler, x0: torch.Tensor, cut: int,
+                     generator: torch.Generator,
+                     ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+    """Views with a fresh xi every epoch, averaged by the server over k epochs.
+
+    mean_k(y) / a = x0 + (b / a) mean_k(xi), so the error falls as b^2 / (a^2 k) (before
+    clipping): one returned row per k with the measured MSE, PSNR and SSIM and this theory.
+    This is why noisy-data draws xi once per image and keeps it.
+    """
+    a, b = handover_signal(scheduler, cut)
+    total = torch.zeros_like(x0)
+    rows, drawn = [], 0
+    for k in sorted(ks):
+        while drawn < k:
+            total += handover_view(scheduler, x0, torch.randn(x0.shape, generator=generator), cut)
+            drawn += 1
+        estimate = (total / k / a).clamp(-1.0, 1.0)
+        rows.append({"k": k, **scores(estimate, x0), "mse_theory": b * b / (a * a * k)})
+    return rows
+
+
+# (d) Membership inference -------------------------------------------------------------------
+
+def score_timesteps(cut: int, num_timesteps: int, count: int = 8) -> list[int]:
+    """Up to ``count`` server timesteps t >= s, evenly spaced from s (empty when s = T)."""
+    if cut >= num_timesteps:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(cut, num_timesteps - 1, count)})
+
+
+@torch.no_grad()
+def membership_losses(model: Denoiser, scheduler: DDPMScheduler, images: torch.Tensor,
+                      timesteps: Sequence[int], seed: int = 0, num_draws: int = 2,
+                      batch_size: int = 256) -> np.ndarray:
+    """(N,) per-image denoising loss ||eps_hat(x_t, t) - eps||^2, averaged over the timesteps
+    and ``num_draws`` noise draws.
+
+    The noise draws depend only on ``seed`` and the image's position, so two image sets of the
+    same size are scored with the same noise (common random numbers). A model that memorised
+    an image denoises it better: low loss suggests "member".
+    """
+    if not timesteps:
+        raise ValueError("membership_losses: no server timesteps to score (s = T)")
+    generator = torch.Generator().manual_seed(seed)
+    losses = torch.zeros(len(images), dtype=torch.float64)
+    for _ in range(num_draws):
+        for step in timesteps:
+            eps = torch.randn(images.shape, generator=generator)
+            for i in range(0, len(images), batch_size):
+                x0, e = images[i:i + batch_size], eps[i:i + batch_size]
+                t = torch.full((len(x0),), step, dtype=torch.long)
+                err = (model(add_noise(scheduler, x0, e, t), t) - e) ** 2
+                losses[i:i + batch_size] += err.flatten(1).mean(dim=1).double()
+    return (losses / (num_draws * len(timesteps))).numpy()
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    sorted_values = values[order]
+    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
+    for start, count in zip(first, counts):
+        if count > 1:
+            ranks[order[start:start + count]] = start + (count + 1) / 2
+    return ranks
+
+
+def roc_auc(member_scores, nonmember_scores) -> float:
+    """ROC AUC = P(member score > non-member score) + P(tie) / 2, via the Mann-Whitney U:
+    AUC = (R_members - n1 (n1 + 1) / 2) / (n1 n0), R the rank sum of the members."""
+    pos, neg = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("roc_auc: need at least one member and one non-member score")
+    ranks = _ranks(np.concatenate([pos, neg]))
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
+    """The largest true-positive rate at a threshold that flags at most ``fpr`` of non-members.
+
+    Flag "member" when score > thr; with n0 non-members at most floor(fpr n0) may exceed thr,
+    so thr is the (floor(fpr n0) + 1)-th largest non-member score.
+    """
+    pos, neg = np.asarray(member_scores, float), np.sort(np.asarray(nonmember_scores, float))[::-1]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("tpr_at_fpr: need at least one member and one non-member score")
+    allowed = int(np.floor(fpr * len(neg)))
+    threshold = neg[allowed] if allowed < len(neg) else -np.inf
+    return float(np.mean(pos > threshold))
+
+
+def membership_attack(member_losses, nonmember_losses, fpr: float = 0.01) -> dict[str, float]:
+    """AUC and TPR at ``fpr`` of the attack "lower loss means member" (score = -loss)."""
+    pos, neg = -np.asarray(member_losses, float), -np.asarray(nonmember_losses, float)
+    return {"auc": roc_auc(pos, neg), "tpr_at_fpr": tpr_at_fpr(pos, neg, fpr),
+            "member_loss": float(np.mean(member_losses)),
+            "nonmember_loss": float(np.mean(nonmember_losses))}
+
+
+# (e) Memorisation ---------------------------------------------------------------------------
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor,
+                 scale: float = 1.0) -> dict[str, float]:
+    """Are the server's samples nearer to training images than to hold-out images?
+
+    ``train`` and ``holdout`` must be the same size (nearest-neighbour distances shrink with
+    the size of the set searched). The server's hand-over x_{s-1} = a x0 + b z carries noise,
+    so the reference images are compared at the same signal scale a (``scale``):
+    E||x_{s-1} - a x||^2 = a^2 ||x0 - x||^2 + b^2 d is smallest at the x the sample came from.
+    """
+    if len(train) != len(holdout):
+        raise ValueError(f"memorisation: train and hold-out sets must be the same size, "
+                         f"got {len(train)} and {len(holdout)}")
+    x = samples.double().numpy()
+    to_train = nearest_neighbour_mse(x, scale * train.double().numpy())
+    to_holdout = nearest_neighbour_mse(x, scale * holdout.double().numpy())
+    return {"nn_mse_train": float(to_train.mean()), "nn_mse_holdout": float(to_holdout.mean()),
+            "frac_nearer_train": float(np.mean(to_train < to_holdout))}
