@@ -165,3 +165,25 @@ def test_view_accounting_per_cut():
     shared = accounting.protocol_privacy("shared-noise", scheduler, 60, d)
     assert math.isinf(shared["epsilon_image"]) and math.isinf(shared["epsilon_pixel"])
     assert "infinite" in accounting.explain("shared-noise", 60, 100, shared)
+
+
+def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
+    from collafuse.cli import main
+    from collafuse.engines.local import run_training
+    from collafuse.evaluation.audit import load_privacy_rows
+
+    run_training(tiny_config(**{"train.protocol": '"noisy-data"'}), tmp_path / "c=0.5",
+                 progress=False)
+    assert main(["audit", str(tmp_path), "--num-images", "8"]) == 0
+    rows = load_privacy_rows(tmp_path)
+    assert {(r["client"], r["protocol"], r["trained"]) for r in rows} == {
+        (c, p, p == "noisy-data") for c in ("DU", "HT") for p in ("shared-noise", "noisy-data")}
+    for r in rows:
+        if r["protocol"] == "shared-noise":
+            assert r["a_psnr"] > 60 and math.isinf(r["epsilon_image"])
+        else:
+            assert r["a_psnr"] < 20 and 0 < r["epsilon_pixel"] < math.inf
+            assert r["c_psnr_k64"] > r["c_psnr_k1"] and 0 <= r["d_auc"] <= 1
+    assert "| 0.5 | 10 | noisy-data | trained |" in (tmp_path / "privacy.md").read_text()
+    assert (tmp_path / "privacy.csv").read_text().startswith("run,cut_ratio")
+    assert main(["audit", str(tmp_path / "nothing")]) == 2

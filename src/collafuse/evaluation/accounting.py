@@ -123,8 +123,11 @@ def explain(protocol: str, cut: int, num_timesteps: int, acc: dict[str, float]) 
     return (f"{protocol}, s = {cut}: each image is sent once as a = {acc['signal_a']:.3f} times "
             f"the image plus noise of std b = {acc['noise_b']:.3f} (per-pixel SNR "
             f"{acc['snr']:.3g}, {acc['snr_db']:.1f} dB). Per pixel this is "
-            f"({acc['epsilon_pixel']:.3g}, {acc['delta']:g})-DP: the server cannot pin down any "
-            f"single pixel's value well. For the whole image it is "
+            f"({acc['epsilon_pixel']:.3g}, {acc['delta']:g})-DP, "
+            + ("so no single pixel's value can be pinned down. "
+               if acc["epsilon_pixel"] <= 1 else
+               "so single pixels are only partly hidden (epsilon > 1). ")
+            + f"For the whole image it is "
             f"({acc['epsilon_image']:.3g}, {acc['delta']:g})-DP, a guarantee that "
             + ("is meaningful (epsilon <= 1): the view hides whether any given image was sent."
                if acc["epsilon_image"] <= 1 else
