@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="folder for the grids (default RUN_DIR)")
     sample.set_defaults(func=_sample)
 
+    audit = commands.add_parser("audit", help="what the server can learn: attacks and "
+                                "(epsilon, delta) per client, cut and protocol")
+    audit.add_argument("run_dir", type=Path, help="a run folder or a sweep folder of runs")
+    audit.add_argument("--out", type=Path, help="folder for privacy.csv/json/md (default RUN_DIR)")
+    audit.add_argument("-n", "--num-images", type=int, default=128,
+                       help="images per client attacked (and hold-out images compared)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.set_defaults(func=_audit)
+
     data = commands.add_parser("data", help="prepare and inspect data sets")
     data_commands = data.add_subparsers(required=True, metavar="ACTION")
     prepare = data_commands.add_parser("prepare", help="load any supported source, resize, "
@@ -81,6 +90,16 @@ def _sample(args) -> None:
     out = args.out or args.run_dir
     for cid, path in write_samples(run, out, args.num_samples, args.seed).items():
         print(f"samples of {cid}: {path}")
+
+
+def _audit(args) -> None:
+    from .evaluation.audit import audit
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images: expected an integer >= 1, got {args.num_images}")
+    audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed)
+    out = args.out or args.run_dir
+    print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json)")
 
 
 def _data_prepare(args) -> None:
