@@ -187,3 +187,11 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     assert "| 0.5 | 10 | noisy-data | trained |" in (tmp_path / "privacy.md").read_text()
     assert (tmp_path / "privacy.csv").read_text().startswith("run,cut_ratio")
     assert main(["audit", str(tmp_path / "nothing")]) == 2
+
+    from collafuse.evaluation.audit import TRADEOFF_FIGURE, tradeoff_markdown
+    results = [{"protocol": "noisy-data", "cut_ratio": 0.5, "client": c, "kid_train": 0.1,
+                "kid_holdout": 0.2} for c in ("DU", "HT")]
+    table = tradeoff_markdown(rows, results, tmp_path)
+    assert "| 0.5 | noisy-data | trained | 0.1 | 0.2 |" in table
+    assert "| 0.5 | shared-noise | counterfactual | - | - |" in table
+    assert (tmp_path / TRADEOFF_FIGURE).stat().st_size > 0

@@ -43,15 +43,13 @@ def find_runs(path: str | Path) -> list[Path]:
     """The run folder itself, or the run folders (config.toml + checkpoint.pt) of a sweep
     folder, up to two levels down (c=<ratio>/ or <protocol>/c=<ratio>/)."""
     path = Path(path)
-    if (path / "config.toml").is_file():
-        if not (path / "checkpoint.pt").is_file():
-            raise ValueError(f"{path}: run folder has no checkpoint.pt; train it first")
+    if (path / "config.toml").is_file() and (path / "checkpoint.pt").is_file():
         return [path]
     found = sorted({p.parent for pattern in ("*/config.toml", "*/*/config.toml")
                     for p in path.glob(pattern) if (p.parent / "checkpoint.pt").is_file()})
     if not found:
         raise ValueError(f"{path}: neither a run folder (config.toml + checkpoint.pt) nor a "
-                         "sweep folder of run folders")
+                         "sweep folder of trained run folders")
     return found
 
 
@@ -151,7 +149,8 @@ def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
 
 def _model_attacks(model, untrained, scheduler, steps, members, nonmembers, samples, scale,
                    seed) -> dict:
-    """Membership inference (d), with an untrained-model control, and memorisation (e)."""
+    """Membership inference (d), with an untrained-model control, and memorisation (e);
+    both need server timesteps (none when s = T)."""
     out = {}
     if steps:
         for prefix, net in (("d", model), ("d_untrained", untrained)):
@@ -159,9 +158,10 @@ def _model_attacks(model, untrained, scheduler, steps, members, nonmembers, samp
             nonmember = attacks.membership_losses(net, scheduler, nonmembers, steps, seed)
             mia = attacks.membership_attack(member, nonmember, fpr=0.01)
             out.update({f"{prefix}_{k}": v for k, v in mia.items()})
-    m = min(len(members), len(nonmembers))
-    mem = attacks.memorisation(samples, members[:m], nonmembers[:m], scale)
-    out.update({f"e_{k}": v for k, v in mem.items()})
+        # With s = T the hand-over is the pure noise itself: nothing to compare.
+        m = min(len(members), len(nonmembers))
+        mem = attacks.memorisation(samples, members[:m], nonmembers[:m], scale)
+        out.update({f"e_{k}": v for k, v in mem.items()})
     return out
 
 
@@ -177,8 +177,99 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
     _write_atomic(out / "privacy.json", json.dumps(
         {"delta": delta, "num_images": num_images, "seed": seed, "rows": _jsonable(rows)},
         indent=2, allow_nan=False))
-    _write_atomic(out / "privacy.md", to_markdown(rows))
+    markdown = to_markdown(rows)
+    results = Path(path) / "results.json"
+    if results.is_file():
+        markdown += "\n" + tradeoff_markdown(rows, json.loads(results.read_text()), out)
+    _write_atomic(out / "privacy.md", markdown)
+    if results.is_file() and out == Path(path):
+        from .report import write_report
+
+        write_report(out)  # its privacy hook includes privacy.md
     return rows
+
+
+# ---------------------------------------------------------------- utility vs privacy (sweeps)
+
+TRADEOFF_FIGURE = "privacy_tradeoff.png"
+
+
+def tradeoff_rows(privacy_rows: list[dict], results_rows: list[dict]) -> list[dict]:
+    """Per cut ratio and protocol: utility (KID of the sweep, mean over clients) next to
+    privacy (the best reconstruction PSNR of attacks a and b, membership AUC, epsilon).
+
+    Only protocols a model was trained with have a KID; counterfactual rows keep it blank.
+    """
+    out = []
+    for r in summary(privacy_rows):
+        kid = [x for x in results_rows if x["protocol"] == r["protocol"]
+               and math.isclose(x["cut_ratio"], r["cut_ratio"])]
+        out.append({
+            "cut_ratio": r["cut_ratio"], "protocol": r["protocol"], "trained": r["trained"],
+            "kid_train": _mean([x["kid_train"] for x in kid]) if kid else math.nan,
+            "kid_holdout": _mean([x["kid_holdout"] for x in kid]) if kid else math.nan,
+            "attack_psnr": max(r.get("a_psnr", math.nan), r.get("b_psnr", math.nan)),
+            "attack_ssim": max(r.get("a_ssim", math.nan), r.get("b_ssim", math.nan)),
+            "mia_auc": r.get("d_auc", math.nan),
+            "epsilon_pixel": r["epsilon_pixel"], "epsilon_image": r["epsilon_image"]})
+    return out
+
+
+def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: Path) -> str:
+    """The utility-vs-privacy table and figure of a sweep (the paper's outlook asks for it)."""
+    rows = tradeoff_rows(privacy_rows, results_rows)
+    plot_tradeoff(rows, Path(out) / TRADEOFF_FIGURE)
+    lines = ["## Utility against privacy, per cut ratio and protocol", "",
+             "KID: generated images against the clients' training data and against hold-out "
+             "patients (lower is better; from the sweep, mean over clients). Attack PSNR: the "
+             "better of attacks a and b (higher = the server sees more). Counterfactual rows: "
+             "the other protocol's messages at the same cut, attacked with this sweep's model; "
+             "no model was trained with them, so no KID.", "",
+             "| c | protocol | source | KID train | KID hold-out | attack PSNR dB | attack SSIM "
+             "| MIA AUC | eps pixel | eps image |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            _fmt(r["cut_ratio"]), r["protocol"], "trained" if r["trained"] else "counterfactual",
+            _fmt(r["kid_train"]), _fmt(r["kid_holdout"]), _fmt(r["attack_psnr"], 4),
+            _fmt(r["attack_ssim"]), _fmt(r["mia_auc"]), _fmt(r["epsilon_pixel"]),
+            _fmt(r["epsilon_image"])]) + " |")
+    lines += ["", f"![utility against privacy]({TRADEOFF_FIGURE})", ""]
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows: list[dict], path: Path) -> None:
+    """Left: KID (hold-out) against attack PSNR, a point per cut ratio, a line per protocol.
+    Right: attack PSNR against c for both protocols (counterfactual ones dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for protocol in PROTOCOLS:
+        for trained, style in ((True, "o-"), (False, "s--")):
+            pts = sorted((r for r in rows if r["protocol"] == protocol and r["trained"] == trained),
+                         key=lambda r: r["cut_ratio"])
+            if not pts:
+                continue
+            psnr = [min(r["attack_psnr"], 160.0) for r in pts]
+            label = protocol + ("" if trained else " (counterfactual)")
+            axes[1].plot([r["cut_ratio"] for r in pts], psnr, style, label=label)
+            if trained:
+                axes[0].plot(psnr, [r["kid_holdout"] for r in pts], style, label=protocol)
+                for r, x in zip(pts, psnr):
+                    axes[0].annotate(f"c={r['cut_ratio']:g}", (x, r["kid_holdout"]), fontsize=7)
+    axes[0].set_xlabel("attack PSNR, dB (higher = more disclosed)")
+    axes[0].set_ylabel("KID against hold-out (lower = better images)")
+    axes[1].set_xlabel("cut ratio c")
+    axes[1].set_ylabel("attack PSNR, dB (capped at 160)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def load_privacy_rows(path: str | Path) -> list[dict]:
