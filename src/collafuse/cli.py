@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=int, default=0)
     audit.set_defaults(func=_audit)
 
+    sweep = commands.add_parser("sweep", help="train and evaluate every cut ratio: KID, "
+                                "disclosure, cost, figures, report.md")
+    sweep.add_argument("config", type=Path, help="TOML config, e.g. configs/sweep.toml")
+    _add_overrides(sweep)
+    sweep.add_argument("--out", type=Path, help="sweep folder (default runs/<run.name>-sweep); "
+                       "rerun with the same --out to continue an interrupted sweep")
+    sweep.set_defaults(func=_sweep)
+
     data = commands.add_parser("data", help="prepare and inspect data sets")
     data_commands = data.add_subparsers(required=True, metavar="ACTION")
     prepare = data_commands.add_parser("prepare", help="load any supported source, resize, "
@@ -100,6 +108,15 @@ def _audit(args) -> None:
     audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed)
     out = args.out or args.run_dir
     print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json)")
+
+
+def _sweep(args) -> None:
+    from .evaluation.sweep import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / f"{cfg.run.name}-sweep"
+    run_sweep(cfg, out)
+    print(f"sweep folder: {out} (results.csv, results.json, report.md)")
 
 
 def _data_prepare(args) -> None:

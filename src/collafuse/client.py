@@ -12,6 +12,7 @@ import torch
 
 from .diffusion import add_noise, client_timesteps, denoise, handover_view, server_owns
 from .messages import Message, PartialSamples, SampleRequest, check_images
+from .metering import client_party
 from .party import Party
 from .protocols import local_loss, server_message
 
@@ -19,20 +20,24 @@ from .protocols import local_loss, server_message
 class Client(Party):
     def __init__(self, client_id: str, images: torch.Tensor, model: torch.nn.Module,
                  scheduler, cut: int, protocol: str, batch_size: int, lr: float,
-                 seed: int, ema_decay: float | None = None):
+                 seed: int, ema_decay: float | None = None, meter=None):
         """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
                              f"got shape {tuple(images.shape)}")
         if batch_size < 1:
             raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
-        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay)
+        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter)
         self.client_id = client_id
         self.images = images
         self.batch_size = min(batch_size, len(images))
         self.views = self._make_views(seed) if self.protocol == "noisy-data" else None
         self.order = torch.randperm(len(images), generator=self.generator)
         self.position = 0
+
+    @property
+    def name(self) -> str:
+        return client_party(self.client_id)
 
     def _make_views(self, seed: int) -> torch.Tensor:
         # One view per image, its noise xi drawn once from the run's seed and kept: a fresh xi
@@ -55,19 +60,25 @@ class Client(Party):
         return [self._train_batch() for _ in range(num_batches)]
 
     def _train_batch(self) -> Message:
-        idx = self._next_indices()
-        x0 = self.images[idx]
-        t = torch.randint(0, self.num_timesteps, (len(idx),), generator=self.generator)
-        eps = torch.randn(x0.shape, generator=self.generator)
-        sent = server_owns(t, self.cut)
+        # The message is built before the local step (the paper's order is the other way):
+        # neither touches the generator or the other's tensors, so the numbers are the same,
+        # and the cheap forward diffusion is metered apart from the training.
+        with self.meter.measure(self.name, "diffusion"):
+            idx = self._next_indices()
+            x0 = self.images[idx]
+            t = torch.randint(0, self.num_timesteps, (len(idx),), generator=self.generator)
+            eps = torch.randn(x0.shape, generator=self.generator)
+            sent = server_owns(t, self.cut)
+            x_t = add_noise(self.scheduler, x0[sent], eps[sent], t[sent])
+            views = self.views[idx[sent]] if self.views is not None else None
+            message = server_message(self.protocol, self.client_id, x_t, t[sent], eps[sent],
+                                     views, self.cut)
         own = ~sent
         if bool(own.any()):
-            self._optimise(local_loss(self._eps, self.scheduler, x0[own], t[own], eps[own]))
+            with self.meter.measure(self.name, "training"):
+                self._optimise(local_loss(self._eps, self.scheduler, x0[own], t[own], eps[own]))
         self.steps += 1
-        x_t = add_noise(self.scheduler, x0[sent], eps[sent], t[sent])
-        views = self.views[idx[sent]] if self.views is not None else None
-        return server_message(self.protocol, self.client_id, x_t, t[sent], eps[sent], views,
-                              self.cut)
+        return message
 
     def request_samples(self, num_samples: int, seed: int = 0) -> SampleRequest:
         if num_samples < 1:
@@ -81,8 +92,9 @@ class Client(Party):
             raise ValueError(f"partial samples made for cut index {partial.cut}, "
                              f"client {self.client_id} uses {self.cut}")
         x = check_images(partial, "x", tuple(self.images.shape[1:]))
-        return denoise(self._sampling_eps, self.scheduler, x, client_timesteps(self.cut),
-                       torch.Generator().manual_seed(seed))
+        with self.meter.measure(self.name, "sampling"):
+            return denoise(self._sampling_eps, self.scheduler, x, client_timesteps(self.cut),
+                           torch.Generator().manual_seed(seed))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "order": self.order, "position": self.position}

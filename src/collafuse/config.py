@@ -74,6 +74,16 @@ class SweepConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    num_samples: int = 100  # generated images per client and cut ratio for KID and disclosure
+    kid_subsets: int = 100  # KID: random subsets averaged (clean-fid's default)
+    kid_subset_size: int = 1000  # KID: images per subset, clamped to the smaller set
+    max_real_images: int = 500  # real images per set (client, hold-out) for KID; 0 = all
+    energy: bool = True  # codecarbon energy per party and phase (an estimate without counters)
+    trajectory_steps: int = 6  # Figure 2: images recorded along one sample's denoising
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,6 +92,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +180,11 @@ def _check_values(cfg: Config, source: str) -> None:
         (cfg.data.channels in (1, 3), "data.channels", "1 or 3"),
         (cfg.data.image_size >= 8, "data.image_size", "an integer >= 8"),
         (cfg.sample.num_samples >= 1, "sample.num_samples", "an integer >= 1"),
+        (cfg.evaluation.num_samples >= 2, "evaluation.num_samples", "an integer >= 2"),
+        (cfg.evaluation.kid_subsets >= 1, "evaluation.kid_subsets", "an integer >= 1"),
+        (cfg.evaluation.kid_subset_size >= 2, "evaluation.kid_subset_size", "an integer >= 2"),
+        (cfg.evaluation.max_real_images >= 0, "evaluation.max_real_images", "an integer >= 0"),
+        (cfg.evaluation.trajectory_steps >= 2, "evaluation.trajectory_steps", "an integer >= 2"),
     ]
     for ok, name, expected in checks:
         if not ok:

@@ -1,10 +1,14 @@
 """What client and server have in common: a model, its optimiser, optional EMA weights, a
-random generator, and a state that can be saved and restored exactly (for --resume)."""
+random generator, a cost meter, and a state that can be saved and restored exactly (for --resume).
+
+The meter only watches: it draws no random numbers and changes no tensor, so a metered party
+computes bit for bit what an unmetered one does."""
 
 from __future__ import annotations
 
 import torch
 
+from .metering import NullMeter
 from .models import EMA, predict_noise
 from .protocols import check_protocol
 from .state import load_state, save_state
@@ -12,7 +16,7 @@ from .state import load_state, save_state
 
 class Party:
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str, lr: float,
-                 seed: int, ema_decay: float | None = None):
+                 seed: int, ema_decay: float | None = None, meter=None):
         self.model = model
         self.scheduler = scheduler
         self.cut = cut
@@ -22,6 +26,13 @@ class Party:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.last_loss: float | None = None
+        # measure(party, phase) and add_bytes(...), as evaluation.costs.CostMeter
+        self.meter = meter or NullMeter()
+
+    @property
+    def name(self) -> str:
+        """The party's name in cost tables: ``server`` or ``client:<id>``."""
+        raise NotImplementedError
 
     @property
     def num_timesteps(self) -> int:

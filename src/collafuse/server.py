@@ -12,6 +12,7 @@ import torch
 from .diffusion import denoise, server_timesteps
 from .messages import (Message, MessageError, NoisedBatch, NoisyViews, PartialSamples,
                        SampleRequest, TRAINING_KINDS, check_images)
+from .metering import SERVER
 from .party import Party
 from .protocols import server_loss
 
@@ -19,9 +20,13 @@ from .protocols import server_loss
 class Server(Party):
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str,
                  image_shape: tuple[int, int, int], lr: float, seed: int,
-                 ema_decay: float | None = None):
-        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay)
+                 ema_decay: float | None = None, meter=None):
+        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter)
         self.image_shape = tuple(image_shape)
+
+    @property
+    def name(self) -> str:
+        return SERVER
 
     def check(self, msg: Message) -> None:
         """Raise MessageError unless msg is a well-formed training message of this run."""
@@ -56,8 +61,9 @@ class Server(Party):
         if not messages:
             return None
         self.steps += 1
-        return self._optimise(server_loss(self.protocol, self._eps, self.scheduler, self.cut,
-                                          messages, self.generator))
+        with self.meter.measure(self.name, "training"):
+            return self._optimise(server_loss(self.protocol, self._eps, self.scheduler,
+                                              self.cut, messages, self.generator))
 
     @torch.no_grad()
     def generate(self, request: SampleRequest) -> PartialSamples:
@@ -65,8 +71,9 @@ class Server(Party):
         if request.num_samples < 1:
             raise MessageError(f"{request.kind} from {request.client_id}: num_samples must be "
                                f">= 1, got {request.num_samples}")
-        generator = torch.Generator().manual_seed(request.seed)
-        x = torch.randn((request.num_samples, *self.image_shape), generator=generator)
-        x = denoise(self._sampling_eps, self.scheduler, x,
-                    server_timesteps(self.cut, self.num_timesteps), generator)
+        with self.meter.measure(self.name, "sampling"):
+            generator = torch.Generator().manual_seed(request.seed)
+            x = torch.randn((request.num_samples, *self.image_shape), generator=generator)
+            x = denoise(self._sampling_eps, self.scheduler, x,
+                        server_timesteps(self.cut, self.num_timesteps), generator)
         return PartialSamples(client_id=request.client_id, x=x, cut=self.cut)

@@ -12,7 +12,6 @@ atomically every ``train.checkpoint_every`` rounds, the metrics log, sample grid
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, load_config
 from ..data import save_grid, to_uint8
 from ..factory import load_client_data, make_client, make_server, total_rounds
+from ..metering import SERVER, WallMeter, client_party, totals
 from ..state import load_state, save_state
 
 CHECKPOINT = "checkpoint.pt"
@@ -28,30 +28,32 @@ METRICS = "metrics.jsonl"
 
 
 class Run:
-    """The parties of one run and the bookkeeping around them."""
+    """The parties of one run and the bookkeeping around them.
 
-    def __init__(self, cfg: Config):
+    ``meter`` (default: wall seconds and bytes only) is shared by all parties; they measure
+    their own phases, the engine adds the bytes of every message it carries. Pass an
+    ``evaluation.costs.CostMeter`` for FLOPs and energy.
+    """
+
+    def __init__(self, cfg: Config, meter=None):
         self.cfg = cfg
+        self.meter = meter or WallMeter()
         client_data, self.holdout = load_client_data(cfg)
         self.server = make_server(cfg)
         self.clients = {cid: make_client(cfg, cid, data) for cid, data in client_data.items()}
+        for party in [self.server, *self.clients.values()]:
+            party.meter = self.meter
         self.rounds = total_rounds(cfg, [len(d) for d in client_data.values()])
         self.round = 0
-        self.bytes = {name: {"sent": 0, "received": 0} for name in ["server", *self.clients]}
-        self.seconds = {name: 0.0 for name in ["server", *self.clients]}
 
     def train_round(self) -> dict:
         """One round; returns its metrics line."""
         outbox: dict[str, list] = {}
         for cid, client in self.clients.items():
-            start = time.perf_counter()
             outbox[cid] = client.train_round(self.cfg.train.batches_per_round)
-            self.seconds[cid] += time.perf_counter() - start
-            self._count(cid, "server", sum(m.nbytes for m in outbox[cid]))
-        start = time.perf_counter()
+            self._count(client.name, SERVER, sum(m.nbytes for m in outbox[cid]), "training")
         server_losses = [self.server.train_step([outbox[cid][k] for cid in self.clients])
                          for k in range(self.cfg.train.batches_per_round)]
-        self.seconds["server"] += time.perf_counter() - start
         self.round += 1
         losses = [x for x in server_losses if x is not None]
         return {
@@ -64,27 +66,28 @@ class Run:
         """Split inference for one client; returns (images in [-1, 1], the server's hand-over)."""
         client = self.clients[client_id]
         request = client.request_samples(num_samples, seed)
-        self._count(client_id, "server", request.nbytes)
-        start = time.perf_counter()
+        self._count(client.name, SERVER, request.nbytes, "sampling")
         partial = self.server.generate(request)
-        self.seconds["server"] += time.perf_counter() - start
-        self._count("server", client_id, partial.nbytes)
-        start = time.perf_counter()
+        self._count(SERVER, client.name, partial.nbytes, "sampling")
         images = client.finish_samples(partial, seed)
-        self.seconds[client_id] += time.perf_counter() - start
         return images, partial.x
 
-    def _count(self, sender: str, receiver: str, nbytes: int) -> None:
-        self.bytes[sender]["sent"] += nbytes
-        self.bytes[receiver]["received"] += nbytes
+    def _count(self, sender: str, receiver: str, nbytes: int, phase: str) -> None:
+        self.meter.add_bytes(sender, sent=nbytes, phase=phase)
+        self.meter.add_bytes(receiver, received=nbytes, phase=phase)
+
+    def party_totals(self) -> dict[str, dict]:
+        """Bytes and seconds per party over all phases, keyed "server" and by client id."""
+        rows = self.meter.rows()
+        names = {SERVER: SERVER, **{cid: client_party(cid) for cid in self.clients}}
+        return {key: totals(rows, name) for key, name in names.items()}
 
     def state_dict(self) -> dict:
         return {
             "round": self.round,
             "server": self.server.state_dict(),
             "clients": {cid: c.state_dict() for cid, c in self.clients.items()},
-            "bytes": self.bytes,
-            "seconds": self.seconds,
+            "costs": self.meter.rows(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -92,17 +95,19 @@ class Run:
         self.server.load_state_dict(state["server"])
         for cid, client in self.clients.items():
             client.load_state_dict(state["clients"][cid])
-        self.bytes, self.seconds = state["bytes"], state["seconds"]
+        self.meter.restore(state.get("costs", []))
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
-                 stop_after_round: int | None = None, progress: bool = True) -> Run:
+                 stop_after_round: int | None = None, progress: bool = True,
+                 meter=None) -> Run:
     """Train (or resume) a run in ``run_dir``; sample and summarise when training is complete.
 
     ``stop_after_round`` ends the run early after checkpointing, as an interruption would.
+    ``meter`` records every party's cost (see :class:`Run`); it is checkpointed with the run.
     """
     run_dir = Path(run_dir)
-    run = Run(cfg)
+    run = Run(cfg, meter)
     _open_run_dir(cfg, run_dir, resume, run)
     with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
               disable=not progress, unit="round") as bar, \
@@ -182,18 +187,20 @@ def write_summary(run: Run, run_dir: Path) -> dict:
         "server_loss": run.server.last_loss,
         "clients": {cid: {"images": len(c.images), "loss": c.last_loss}
                     for cid, c in run.clients.items()},
-        "bytes": run.bytes,
-        "seconds": run.seconds,
+        "bytes": {name: {"sent": t["bytes_sent"], "received": t["bytes_received"]}
+                  for name, t in run.party_totals().items()},
+        "seconds": {name: t["seconds"] or 0.0 for name, t in run.party_totals().items()},
+        "costs": run.meter.rows(),
     }
     _write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Rebuild a finished or interrupted run from its folder."""
+def load_run(run_dir: str | Path, meter=None) -> Run:
+    """Rebuild a finished or interrupted run from its folder (costs continue in ``meter``)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")
-    run = Run(cfg)
+    run = Run(cfg, meter)
     run.load_state_dict(load_state(run_dir / CHECKPOINT))
     return run
 

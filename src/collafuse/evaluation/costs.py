@@ -116,6 +116,13 @@ class CostMeter:
         cost.bytes_sent += int(sent)
         cost.bytes_received += int(received)
 
+    def restore(self, rows: list[dict]) -> None:
+        """Continue from an earlier meter's rows() (a resumed run keeps what it had counted)."""
+        self._costs = {(r["party"], r["phase"]): _Cost(
+            flops=int(r["flops"] or 0), seconds=float(r["seconds"]),
+            bytes_sent=int(r["bytes_sent"]), bytes_received=int(r["bytes_received"]),
+            energy_kwh=float(r["energy_kwh"] or 0.0)) for r in rows}
+
     @property
     def energy_sources(self) -> list[str] | None:
         """codecarbon's description of each power source it uses (None with energy=False)."""

@@ -1,0 +1,336 @@
+"""Figures and report.md of a cut-ratio sweep, from its results.json and trajectories.
+
+Figures (PNG, matplotlib's Agg backend): the paper's Figure 3 (stacked per-client KID against
+c, on training data and hold-out; disclosure MSE and KID against c), the cost per party
+against c, and the paper's Figure 2 (one sample's denoising trajectory, a row per c).
+report.md puts this run's numbers beside the paper's findings and says, for each, whether the
+run supports it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+FIGURES = {
+    "kid": "fig3_kid.png",
+    "disclosure": "fig3_disclosure.png",
+    "costs": "costs.png",
+    "trajectory": "fig2_trajectory.png",
+}
+REPORT = "report.md"
+# The paper's mean pixel MSE between the server's images at the cut and the clients' real ones.
+PAPER_DISCLOSURE_MSE = {"c=0": 0.087, "c>=0.2": "about 1.0 to 1.07"}
+
+
+def write_report(out: str | Path) -> Path:
+    """Draw every figure and write report.md into the sweep folder ``out``."""
+    out = Path(out)
+    rows = json.loads((out / "results.json").read_text())
+    if rows:
+        plot_kid(rows, out / FIGURES["kid"])
+        plot_disclosure(rows, out / FIGURES["disclosure"])
+        plot_costs(rows, out / FIGURES["costs"])
+        plot_trajectories(out, sorted({r["cut_ratio"] for r in rows}), out / FIGURES["trajectory"])
+    path = out / REPORT
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(rows, out))
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- tables of the rows
+
+
+def cut_ratios(rows: list[dict]) -> list[float]:
+    return sorted({r["cut_ratio"] for r in rows})
+
+
+def clients(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["client"] for r in rows))
+
+
+def by_cut(rows: list[dict], key: str, reduce=np.mean) -> np.ndarray:
+    """One value per cut ratio: ``reduce`` over the clients' rows (NaN where none is known)."""
+    out = []
+    for c in cut_ratios(rows):
+        values = [r[key] for r in rows if r["cut_ratio"] == c and r[key] is not None]
+        out.append(float(reduce(values)) if values else float("nan"))
+    return np.array(out)
+
+
+def per_client(rows: list[dict], key: str) -> dict[str, np.ndarray]:
+    cs = cut_ratios(rows)
+    table = {(r["client"], r["cut_ratio"]): r[key] for r in rows}
+    return {cid: np.array([_num(table.get((cid, c))) for c in cs]) for cid in clients(rows)}
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_kid(rows: list[dict], path: Path) -> None:
+    """The paper's Figure 3 (left): per-client KID stacked, against c."""
+    cs = cut_ratios(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in [(axes[0], "kid_train", "KID against own training data"),
+                           (axes[1], "kid_holdout", "KID against hold-out patients")]:
+        bottom = np.zeros(len(cs))
+        for cid, values in per_client(rows, key).items():
+            ax.bar([f"{c:g}" for c in cs], values, bottom=bottom, label=cid)
+            bottom += np.nan_to_num(values)
+        ax.set_title(title)
+        ax.set_xlabel("cut ratio c (client's share of steps)")
+    axes[0].set_ylabel("KID (stacked over clients, lower is better)")
+    axes[1].legend(title="client")
+    _save(fig, path)
+
+
+def plot_disclosure(rows: list[dict], path: Path) -> None:
+    """The paper's Figure 3 (right): what the server's hand-over discloses, against c."""
+    cs = cut_ratios(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for cid, values in per_client(rows, "disclosure_mse").items():
+        axes[0].plot(cs, values, "o-", label=f"{cid}: mean pairwise")
+    for cid, values in per_client(rows, "disclosure_nn_mse").items():
+        axes[0].plot(cs, values, "s--", label=f"{cid}: nearest neighbour")
+    axes[0].set_ylabel("MSE, hand-over vs real images (high = little disclosed)")
+    for cid, values in per_client(rows, "disclosure_kid").items():
+        axes[1].plot(cs, values, "o-", label=cid)
+    axes[1].set_ylabel("KID, hand-over vs real images")
+    for ax in axes:
+        ax.set_xlabel("cut ratio c")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_costs(rows: list[dict], path: Path) -> None:
+    """Training cost of a client (mean over clients) and of the server, against c."""
+    cs = cut_ratios(rows)
+    panels = [("flops", "FLOPs"), ("energy_kwh", "energy (kWh)"), ("bytes", "bytes sent + received"),
+              ("seconds", "wall time (s)")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        for party in ("client", "server"):
+            ax.plot(cs, _party_cost(rows, party, key), "o-", label=party)
+        ax.set_xlabel("cut ratio c")
+        ax.set_title(label)
+    axes[0].legend()
+    _save(fig, path)
+
+
+def _party_cost(rows: list[dict], party: str, key: str) -> np.ndarray:
+    if key == "bytes":
+        return by_cut(rows, f"{party}_bytes_sent") + by_cut(rows, f"{party}_bytes_received")
+    return by_cut(rows, f"{party}_{key}")
+
+
+def plot_trajectories(out: Path, cs: list[float], path: Path) -> None:
+    """The paper's Figure 2: one sample denoised, a row per c (same starting noise)."""
+    from .sweep import TRAJECTORY, cut_dir
+
+    found = [(c, np.load(cut_dir(out, c) / TRAJECTORY)) for c in cs
+             if (cut_dir(out, c) / TRAJECTORY).is_file()]
+    if not found:
+        return
+    cols = max(len(t["steps"]) for _, t in found)
+    fig, axes = plt.subplots(len(found), cols, figsize=(1.6 * cols, 1.7 * len(found)),
+                             squeeze=False)
+    for row, (c, t) in enumerate(found):
+        for col, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if col >= len(t["steps"]):
+                continue
+            step = int(t["steps"][col])
+            ax.imshow(t["images"][col], cmap="gray", vmin=0, vmax=255)
+            owner = "server" if step >= int(t["cut"]) else "client"
+            ax.set_title(f"{step} left ({owner})" if col else "noise", fontsize=7)
+        axes[row][0].text(-0.15, 0.5, f"c={c:g}", transform=axes[row][0].transAxes,
+                          ha="right", va="center")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def render(rows: list[dict], out: Path) -> str:
+    if not rows:
+        return "# CollaFuse cut-ratio sweep\n\nNo cut ratio has been evaluated yet.\n"
+    protocols = sorted({r["protocol"] for r in rows})
+    estimate = {r["energy_is_estimate"] for r in rows}
+    parts = [
+        "# CollaFuse cut-ratio sweep",
+        f"Protocol: **{', '.join(protocols)}**"
+        + (" (the paper's: the server sees x_t, t and the noise)" if protocols == ["shared-noise"]
+           else "") + f". Cut ratios: {', '.join(f'{c:g}' for c in cut_ratios(rows))}; "
+        f"clients: {', '.join(clients(rows))}; T = {rows[0]['num_timesteps']}; "
+        f"{rows[0]['num_samples']} generated images per client and cut ratio.",
+        _energy_note(estimate),
+        "## Findings of the paper, and this run",
+        *findings(rows),
+        "## Results per cut ratio (mean over clients)",
+        summary_table(rows),
+        "Per client and cut ratio: `results.csv` / `results.json`. The client FLOP share is "
+        "client FLOPs / (client FLOPs + server FLOPs / number of clients) in training: the "
+        "server trains on equal-sized batches from every client, so that is the part of the "
+        "work on this client's data that the client does itself.",
+        "## Figures",
+        "Figure 3 of the paper: per-client KID (stacked) against c.\n\n"
+        f"![KID]({FIGURES['kid']})",
+        f"Disclosed information against c.\n\n![disclosure]({FIGURES['disclosure']})",
+        f"Training cost per party against c.\n\n![costs]({FIGURES['costs']})",
+        "Figure 2 of the paper: one sample's denoising, a row per c (same starting noise; "
+        f"labels: steps left, and who ran them).\n\n![trajectory]({FIGURES['trajectory']})",
+        privacy_section(out),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _energy_note(estimate: set) -> str:
+    if estimate == {None}:
+        return "Energy was not measured (evaluation.energy = false)."
+    if True in estimate:
+        return ("Energy is an **estimate**: this machine has no power counters that codecarbon "
+                "can read, so it models power as CPU load times a TDP table (RAM from installed "
+                "memory). FLOPs, seconds and bytes do not depend on that.")
+    return "Energy was read from power counters by codecarbon (RAM power is always modelled)."
+
+
+def summary_table(rows: list[dict]) -> str:
+    cols = [("kid_train", "KID train", "{:.4f}"), ("kid_holdout", "KID hold-out", "{:.4f}"),
+            ("disclosure_mse", "discl. MSE", "{:.3f}"),
+            ("disclosure_nn_mse", "discl. NN-MSE", "{:.3f}"),
+            ("disclosure_kid", "discl. KID", "{:.4f}"),
+            ("client_flop_share", "client FLOP share", "{:.2f}"),
+            ("client_energy_kwh", "client kWh", "{:.2e}"),
+            ("server_energy_kwh", "server kWh", "{:.2e}"),
+            ("client_bytes_sent", "client bytes sent", "{:.3g}"),
+            ("server_bytes_received", "server bytes recv.", "{:.3g}")]
+    lines = ["| c | " + " | ".join(name for _, name, _ in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    values = {key: by_cut(rows, key) for key, _, _ in cols}
+    for i, c in enumerate(cut_ratios(rows)):
+        cells = [fmt.format(values[key][i]) if np.isfinite(values[key][i]) else "n/a"
+                 for key, _, fmt in cols]
+        lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The paper's four findings, each with this run's numbers and a verdict."""
+    cs = cut_ratios(rows)
+    if len(cs) < 3:
+        return ["Fewer than three cut ratios were evaluated; the paper's trends cannot be "
+                "checked on this run."]
+    return [_u_shape(rows, cs), _collaboration(rows, cs), _disclosure(rows, cs),
+            _energy(rows, cs)]
+
+
+def _series(cs, values, fmt="{:.4f}") -> str:
+    return ", ".join(f"c={c:g}: {fmt.format(v)}" for c, v in zip(cs, values))
+
+
+def _u_shape(rows, cs) -> str:
+    parts = []
+    verdicts = []
+    for key, name in (("kid_train", "training data"), ("kid_holdout", "hold-out")):
+        kid = by_cut(rows, key)
+        best = int(np.nanargmin(kid))
+        inside = 0 < best < len(cs) - 1
+        verdicts.append(inside)
+        parts.append(f"on {name} the best mean KID is at c={cs[best]:g} ({_series(cs, kid)})")
+    verdict = _verdict(all(verdicts), any(verdicts))
+    return ("1. **KID is U-shaped in c, best strictly between the extremes** (paper: best "
+            f"around c = 0.6, worst at c = 1). {verdict}: " + "; ".join(parts) + ".")
+
+
+def _collaboration(rows, cs) -> str:
+    if 1.0 not in cs:
+        return "2. **Collaboration beats c = 1**: c = 1 was not evaluated; cannot check."
+    parts, verdicts = [], []
+    for key, name in (("kid_train", "training data"), ("kid_holdout", "hold-out")):
+        kid = by_cut(rows, key)
+        local = kid[cs.index(1.0)]
+        best = int(np.nanargmin(kid[:-1])) if cs[-1] == 1.0 else int(np.nanargmin(kid))
+        verdicts.append(kid[best] < local)
+        parts.append(f"{name}: best c<1 is c={cs[best]:g} with {kid[best]:.4f} vs "
+                     f"{local:.4f} at c=1")
+    return ("2. **Collaboration (some c < 1) beats no collaboration (c = 1)** on KID. "
+            f"{_verdict(all(verdicts), any(verdicts))}: " + "; ".join(parts) + ".")
+
+
+def _disclosure(rows, cs) -> str:
+    if 0.0 not in cs:
+        return "3. **Disclosure high only at c = 0**: c = 0 was not evaluated; cannot check."
+    mse = by_cut(rows, "disclosure_mse")
+    nn = by_cut(rows, "disclosure_nn_mse")
+    at_zero = mse[cs.index(0.0)]
+    others = [m for c, m in zip(cs, mse) if c > 0]
+    # "high disclosure only at c = 0": c = 0 is far closer to the real images than any c > 0.
+    clear = at_zero < min(others) / 3
+    return ("3. **Disclosed information is high only at c = 0** (paper: mean pixel MSE "
+            f"{PAPER_DISCLOSURE_MSE['c=0']} at c = 0 against {PAPER_DISCLOSURE_MSE['c>=0.2']} "
+            f"for c >= 0.2). {_verdict(clear, at_zero < min(others))}: mean pairwise MSE "
+            f"{_series(cs, mse, '{:.3f}')}; nearest-neighbour MSE {_series(cs, nn, '{:.3f}')}. "
+            "(Criterion: the c = 0 value below a third of every c > 0 value.)")
+
+
+def _energy(rows, cs) -> str:
+    energy = by_cut(rows, "client_energy_kwh")
+    flops = by_cut(rows, "client_flops")
+    parts = [f"client FLOPs {_series(cs, flops, '{:.3g}')}"]
+    if np.all(np.isfinite(energy)):
+        rising = bool(np.all(np.diff(energy) > 0))
+        parts.insert(0, f"client energy (kWh) {_series(cs, energy, '{:.2e}')}")
+        verdict = _verdict(rising, _spearman(cs, energy) > 0.5)
+    else:
+        rising = bool(np.all(np.diff(flops) > 0))
+        verdict = _verdict(rising, False) + " (energy not measured; judged on FLOPs)"
+    return ("4. **A client's energy falls as c falls** (paper: clients spend less the more "
+            f"steps the server takes). {verdict}: " + "; ".join(parts) + ".")
+
+
+def _spearman(x, y) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _verdict(yes: bool, partly: bool) -> str:
+    return "Supported" if yes else ("Partly supported" if partly else "Not supported")
+
+
+# ---------------------------------------------------------------- privacy (audit hook)
+
+
+def privacy_section(out: Path) -> str:
+    """HOOK for the privacy audit: its utility-vs-privacy table, when it has run.
+
+    ``collafuse audit <sweep folder>`` writes privacy.md / privacy.csv into the sweep folder;
+    the report then includes privacy.md here. Extend this function (not the rest of the
+    report) to draw a utility-vs-privacy curve from privacy.csv.
+    """
+    md = Path(out) / "privacy.md"
+    if not md.is_file():
+        return ("## Privacy audit\n\nNot run for this sweep: `collafuse audit "
+                f"{out}` adds what the server can reconstruct or infer, per cut ratio.")
+    body = md.read_text().strip()
+    # Demote its headings so they nest under this section.
+    body = "\n".join("#" + ln if ln.startswith("#") else ln for ln in body.splitlines())
+    return "## Privacy audit\n\n" + body

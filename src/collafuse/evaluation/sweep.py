@@ -1,0 +1,267 @@
+"""The paper's experiment: train and evaluate every cut ratio of a config under one seed.
+
+For each c in ``sweep.cut_ratios`` a training run goes to ``<out>/c=<c>/`` (the in-process
+engine; a finished run is kept, an interrupted one resumed), then every client is evaluated:
+
+- performance: KID of its generated samples against its own training images and against the
+  hold-out set;
+- disclosed information: the server's hand-over x_{s-1} (pure noise for c = 1, the final
+  images for c = 0) against the client's real training images: mean pairwise MSE (the paper's
+  measure), mean nearest-neighbour MSE and KID;
+- cost per party and phase from a CostMeter (FLOPs, energy, seconds, bytes).
+
+An evaluated cut ratio keeps its rows in ``c=<c>/evaluation.json``, so a rerun only does
+what is missing. Features of real image sets are cached under ``<out>/cache``. The sweep
+writes ``results.csv`` and ``results.json`` (one row per cut ratio and client), the figures
+and ``report.md`` (:mod:`collafuse.evaluation.report`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError, from_dict, load_config
+from ..data import to_uint8
+from ..diffusion import denoise
+from ..engines.local import load_run, run_training
+from ..metering import SERVER, client_party, totals
+from .costs import CostMeter
+from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse
+from .kid import cached_features, kid
+
+RESULTS = "results"
+EVALUATION = "evaluation.json"
+TRAJECTORY = "trajectory.npz"
+TRAINING_PHASES = ("diffusion", "training")
+# Generated images per sampling call: bounds memory at 128x128 without changing the method.
+SAMPLE_CHUNK = 250
+
+
+def cut_dir(out: Path, cut_ratio: float) -> Path:
+    return Path(out) / f"c={cut_ratio:g}"
+
+
+def cut_config(cfg: Config, cut_ratio: float) -> Config:
+    """The training config of one cut ratio.
+
+    The sweep and evaluation sections are reset to their defaults, so that changing how a
+    sweep is evaluated (or which cut ratios it has) never invalidates a finished training run.
+    """
+    raw = cfg.to_dict()
+    raw["diffusion"]["cut_ratio"] = cut_ratio
+    del raw["sweep"], raw["evaluation"]
+    return from_dict(raw, source=f"sweep c={cut_ratio:g}")
+
+
+def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
+              max_cut_ratios: int | None = None) -> list[dict]:
+    """Train and evaluate every cut ratio; write results, figures and the report.
+
+    ``max_cut_ratios`` stops after that many cut ratios, as an interruption would; a later call
+    with the same ``out`` continues.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "config.toml", cfg.to_toml())
+    rows: list[dict] = []
+    for i, c in enumerate(cfg.sweep.cut_ratios):
+        if max_cut_ratios is not None and i >= max_cut_ratios:
+            break
+        run_dir = cut_dir(out, c)
+        train_cut(cfg, c, run_dir, progress)
+        rows += evaluate_cut(cfg, run_dir, out / "cache", progress)
+    write_results(out, rows)
+    from .report import write_report
+
+    write_report(out)
+    return rows
+
+
+def train_cut(cfg: Config, cut_ratio: float, run_dir: Path, progress: bool = True) -> None:
+    """Train one cut ratio with FLOPs and energy metered; keep a finished run, resume a begun one."""
+    cfg_c = cut_config(cfg, cut_ratio)
+    config_file = run_dir / "config.toml"
+    if (run_dir / "summary.json").is_file():
+        if load_config(config_file).to_dict() != cfg_c.to_dict():
+            raise ConfigError(f"{config_file}: this finished run was made with another config; "
+                              "choose another --out")
+        return
+    _say(progress, f"c={cut_ratio:g}: training in {run_dir}")
+    run_training(cfg_c, run_dir, resume=config_file.is_file(), progress=progress,
+                 meter=CostMeter(energy=cfg.evaluation.energy))
+
+
+def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True) -> list[dict]:
+    """One row per client of a trained cut ratio (cached in ``evaluation.json``)."""
+    key = {"evaluation": asdict(cfg.evaluation), "sample_seed": cfg.sample.seed}
+    saved = run_dir / EVALUATION
+    if saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored["key"] == key:
+            return stored["rows"]
+    ev = cfg.evaluation
+    run = load_run(run_dir)
+    training = json.loads((run_dir / "summary.json").read_text())["costs"]
+    server_train = totals(training, SERVER, TRAINING_PHASES)
+    estimate = CostMeter(energy=ev.energy).energy_is_estimate
+    holdout = _features(_subset(run.holdout.images, ev.max_real_images, cfg.run.seed), cache,
+                        progress)
+    rows = []
+    for i, (cid, client) in enumerate(run.clients.items()):
+        _say(progress, f"c={run.cfg.diffusion.cut_ratio:g}: evaluating client {cid}")
+        meter = CostMeter(energy=ev.energy)
+        for party in (run, run.server, client):
+            party.meter = meter
+        images, handover = _generate(run, cid, ev.num_samples, cfg.sample.seed + 1000 * i)
+        real = client.images
+        real_feats = _features(_subset(to_uint8(real), ev.max_real_images, cfg.run.seed),
+                               cache, progress)
+        gen_feats = _features(to_uint8(images), cache, progress)
+        handover_feats = _features(to_uint8(handover.clamp(-1.0, 1.0)), cache, progress)
+        kid_args = dict(num_subsets=ev.kid_subsets, subset_size=ev.kid_subset_size,
+                        seed=cfg.run.seed)
+        kid_train = kid(gen_feats, real_feats, **kid_args)
+        kid_holdout = kid(gen_feats, holdout, **kid_args)
+        kid_disclosure = kid(handover_feats, real_feats, **kid_args)
+        client_train = totals(training, client_party(cid), TRAINING_PHASES)
+        sampled = meter.rows()
+        client_sample = totals(sampled, client_party(cid), ("sampling",))
+        server_sample = totals(sampled, SERVER, ("sampling",))
+        rows.append({
+            "protocol": run.cfg.train.protocol,
+            "cut_ratio": run.cfg.diffusion.cut_ratio,
+            "cut_index": run.server.cut,
+            "num_timesteps": run.cfg.diffusion.num_timesteps,
+            "client": cid,
+            "train_images": len(real),
+            "num_samples": ev.num_samples,
+            "kid_train": kid_train[0], "kid_train_std": kid_train[1],
+            "kid_holdout": kid_holdout[0], "kid_holdout_std": kid_holdout[1],
+            "disclosure_mse": mean_pairwise_mse(handover.numpy(), real.numpy()),
+            "disclosure_nn_mse": mean_nearest_neighbour_mse(handover.numpy(), real.numpy()),
+            "disclosure_kid": kid_disclosure[0], "disclosure_kid_std": kid_disclosure[1],
+            **_cost_columns("client", client_train),
+            **_cost_columns("server", server_train),
+            "client_flop_share": _share(client_train["flops"], server_train["flops"],
+                                        len(run.clients)),
+            "client_sampling_flops": client_sample["flops"],
+            "server_sampling_flops": server_sample["flops"],
+            "client_sampling_seconds": client_sample["seconds"],
+            "server_sampling_seconds": server_sample["seconds"],
+            "client_sampling_energy_kwh": client_sample["energy_kwh"],
+            "server_sampling_energy_kwh": server_sample["energy_kwh"],
+            "sampling_bytes": server_sample["bytes_sent"],
+            "energy_is_estimate": estimate,
+        })
+    _save_trajectory(run, run_dir / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
+    _write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
+    return rows
+
+
+def _cost_columns(prefix: str, cost: dict) -> dict:
+    """Training cost of one party: FLOPs, energy, seconds and bytes."""
+    return {f"{prefix}_flops": cost["flops"], f"{prefix}_energy_kwh": cost["energy_kwh"],
+            f"{prefix}_seconds": cost["seconds"], f"{prefix}_bytes_sent": cost["bytes_sent"],
+            f"{prefix}_bytes_received": cost["bytes_received"]}
+
+
+def _share(client_flops, server_flops, num_clients: int) -> float | None:
+    """The client's share of the training FLOPs spent on its data.
+
+    The server trains on the union of equal-sized batches from every client, so a client's
+    part of the server's work is server_flops / num_clients.
+    """
+    if client_flops is None or server_flops is None:
+        return None
+    total = client_flops + server_flops / num_clients
+    return client_flops / total if total else None
+
+
+def _subset(images_uint8: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` images (0 = all), a seeded choice in the original order."""
+    if not limit or len(images_uint8) <= limit:
+        return images_uint8
+    keep = np.sort(np.random.default_rng(seed).choice(len(images_uint8), limit, replace=False))
+    return images_uint8[keep]
+
+
+def _features(images_uint8: np.ndarray, cache: Path, progress: bool) -> np.ndarray:
+    return cached_features(images_uint8, cache, progress=progress)
+
+
+def _generate(run, client_id: str, num_samples: int, seed: int):
+    """Split inference in chunks (seeds seed, seed + 1, ...): (images, hand-over), [-1, 1] floats."""
+    images, handover = [], []
+    for k, start in enumerate(range(0, num_samples, SAMPLE_CHUNK)):
+        x, h = run.sample(client_id, min(SAMPLE_CHUNK, num_samples - start), seed + k)
+        images.append(x)
+        handover.append(h)
+    return torch.cat(images), torch.cat(handover)
+
+
+def trajectory(run, client_id: str, num_steps: int, seed: int) -> tuple[list[int], np.ndarray]:
+    """One sample's way from noise to image: the server's steps, then the client's.
+
+    Returns the timesteps t after which x was recorded (the first is the pure noise, labelled
+    T) and the uint8 images (len(steps), H, W[, C]). The same seed gives every cut ratio the same
+    starting noise.
+    """
+    server, client = run.server, run.clients[client_id]
+    total = server.num_timesteps
+    marks = sorted({int(round(v)) for v in np.linspace(total, 0, num_steps)}, reverse=True)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, *server.image_shape), generator=generator)
+    frames = [x]
+    # Segments end at every recorded mark and at the cut, so each runs on one party's model.
+    bounds = sorted(set(marks[1:]) | {server.cut} - {total}, reverse=True)
+    start = total
+    with torch.no_grad():
+        for end in bounds:
+            steps = list(range(start - 1, end - 1, -1))
+            owner = server if end >= server.cut else client
+            x = denoise(owner._sampling_eps, server.scheduler, x, steps, generator)
+            if end in marks:
+                frames.append(x)
+            start = end
+    return marks, to_uint8(torch.cat(frames))
+
+
+def _save_trajectory(run, path: Path, num_steps: int, seed: int) -> None:
+    first = next(iter(run.clients))
+    steps, images = trajectory(run, first, num_steps, seed)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, steps=np.array(steps), images=images, cut=run.server.cut,
+                        client=first)
+    tmp.replace(path)
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """results.json and results.csv, each written to a temp file and renamed."""
+    _write_text(out / f"{RESULTS}.json", json.dumps(rows, indent=2))
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _write_text(out / f"{RESULTS}.csv", buffer.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(line, flush=True)
