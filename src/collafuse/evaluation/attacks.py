@@ -133,7 +133,7 @@ def score_timesteps(cut: int, num_timesteps: int, count: int = 8) -> list[int]:
     """Up to ``count`` server timesteps t >= s, evenly spaced from s (empty when s = T)."""
     if cut >= num_timesteps:
         return []
-    return sorted({int(round(v)) for v in np.linspace(cut, num_timesteps - 1, count)})
+    return sorted({round(v) for v in np.linspace(cut, num_timesteps - 1, count).tolist()})
 
 
 @torch.no_grad()

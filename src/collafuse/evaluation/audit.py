@@ -220,13 +220,13 @@ def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: P
     rows = tradeoff_rows(privacy_rows, results_rows)
     plot_tradeoff(rows, Path(out) / TRADEOFF_FIGURE)
     lines = ["## Utility against privacy, per cut ratio and protocol", "",
-             "KID: generated images against the clients' training data and against hold-out "
-             "patients (lower is better; from the sweep, mean over clients). Attack PSNR: the "
-             "better of attacks a and b (higher = the server sees more). Counterfactual rows: "
-             "the other protocol's messages at the same cut, attacked with this sweep's model; "
-             "no model was trained with them, so no KID.", "",
-             "| c | protocol | source | KID train | KID hold-out | attack PSNR dB | attack SSIM "
-             "| MIA AUC | eps pixel | eps image |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ("KID: generated images against the clients' training data and against hold-out "
+              "patients (lower is better; from the sweep, mean over clients). Attack PSNR: the "
+              "better of attacks a and b (higher = the server sees more). Counterfactual rows: "
+              "the other protocol's messages at the same cut, attacked with this sweep's model; "
+              "no model was trained with them, so no KID."), "",
+             ("| c | protocol | source | KID train | KID hold-out | attack PSNR dB | attack SSIM "
+              "| MIA AUC | eps pixel | eps image |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append("| " + " | ".join([
             _fmt(r["cut_ratio"]), r["protocol"], "trained" if r["trained"] else "counterfactual",
@@ -323,19 +323,19 @@ def to_markdown(rows: list[dict]) -> str:
     lines = [
         "# Privacy audit: what the server can learn",
         "",
-        "Mean over clients. a: reconstruction from the messages alone (shared-noise: exact "
-        "inversion of x_t, t, eps; noisy-data: the view y / sqrt(abar_{s-1})). b: the server's "
-        "model as a one-step Tweedie denoiser. c: averaging k views with fresh noise per epoch "
-        "(what noisy-data would leak if it re-drew its noise). d: loss-based membership "
-        "inference, training clients' images vs hold-out patients (untrained-model control in "
-        "brackets). e: fraction of the server's hand-over samples nearer to training than to "
-        "hold-out images. PSNR/SSIM against the true images; epsilon at the listed delta. "
-        "'counterfactual' rows attack the other protocol's messages at the same cut with this "
-        "run's server model; d and e need a model trained under that protocol and are left "
-        "blank.",
+        ("Mean over clients. a: reconstruction from the messages alone (shared-noise: exact "
+         "inversion of x_t, t, eps; noisy-data: the view y / sqrt(abar_{s-1})). b: the server's "
+         "model as a one-step Tweedie denoiser. c: averaging k views with fresh noise per epoch "
+         "(what noisy-data would leak if it re-drew its noise). d: loss-based membership "
+         "inference, training clients' images vs hold-out patients (untrained-model control in "
+         "brackets). e: fraction of the server's hand-over samples nearer to training than to "
+         "hold-out images. PSNR/SSIM against the true images; epsilon at the listed delta. "
+         "'counterfactual' rows attack the other protocol's messages at the same cut with this "
+         "run's server model; d and e need a model trained under that protocol and are left "
+         "blank."),
         "",
-        "| c | s | protocol | source | a PSNR dB | b PSNR dB | b SSIM | c PSNR k=1 / 64 | "
-        "d AUC (untrained) | d TPR@1%FPR | e nearer train | eps image | eps pixel | SNR dB |",
+        ("| c | s | protocol | source | a PSNR dB | b PSNR dB | b SSIM | c PSNR k=1 / 64 | "
+         "d AUC (untrained) | d TPR@1%FPR | e nearer train | eps image | eps pixel | SNR dB |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary(rows):
