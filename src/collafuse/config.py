@@ -29,7 +29,7 @@ class DataConfig:
     path: str = "data/lgg_flair_32.npz"  # npz, image folder, NIfTI file, DICOM or LGG folder
     image_size: int = 32  # images are cropped to a square and resized to this
     channels: int = 1  # 1 grayscale, 3 RGB
-    intensity: str = "percentile"  # "percentile" (per-slice 99.5th -> 255) or "none"
+    intensity: str = "none"  # or "percentile" (per-slice 99.5th -> 255); see data/transforms.py
     partition: str = "site"  # "site", "patient", "iid" or "dirichlet"
     clients: list[str] = field(default_factory=lambda: ["DU", "HT", "FG"])  # sites, by="site"
     num_clients: int = 3  # for partition "patient", "iid" and "dirichlet"

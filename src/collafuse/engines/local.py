@@ -168,7 +168,7 @@ def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
         images, handover = run.sample(cid, num_samples, seed)
         pixels = to_uint8(images)
         folder = run_dir / "samples"
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         save_grid(pixels, folder / f"{cid}.png", nrow=int(np.ceil(np.sqrt(num_samples))))
         _save_npz(folder / f"{cid}.npz", images=pixels, handover=handover.numpy())
         out[cid] = folder / f"{cid}.png"

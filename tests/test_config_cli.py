@@ -1,0 +1,113 @@
+"""Configs are validated; the command line reports bad input in one line and writes nothing."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collafuse.cli import main
+from collafuse.config import ConfigError, load_config
+
+from conftest import REPO, tiny_overrides
+
+SHARED_RAW = REPO.parent / "shared/data/lgg-mri/raw-sample"
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "paper.toml", "sweep.toml"])
+def test_shipped_configs_load(name):
+    if not (REPO / "configs" / name).exists():
+        pytest.skip(f"configs/{name} not in this checkout")
+    cfg = load_config(REPO / "configs" / name)
+    assert load_config(None, []).to_dict().keys() == cfg.to_dict().keys()
+
+
+def test_paper_config_has_the_papers_settings():
+    cfg = load_config(REPO / "configs/paper.toml")
+    assert (cfg.data.image_size, cfg.diffusion.num_timesteps, cfg.train.batch_size,
+            cfg.train.lr, cfg.train.epochs) == (128, 100, 150, 1e-3, 300)
+    assert cfg.sweep.cut_ratios == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert len(cfg.data.clients) == 3
+
+
+def test_overrides_are_typed_and_round_trip(tmp_path):
+    cfg = load_config(None, ["train.protocol=noisy-data", "train.lr=3e-4",
+                             'data.clients=["DU"]', "diffusion.cut_ratio=1"])
+    assert cfg.train.protocol == "noisy-data" and cfg.train.lr == 3e-4
+    assert cfg.data.clients == ["DU"] and cfg.diffusion.cut_ratio == 1.0
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=0.1", r"train\.learning_rate: unknown key"),
+    ("trainer.lr=0.1", r"unknown section \[trainer\]"),
+    ("train.steps=ten", r"train\.steps: expected int"),
+    ("train.steps=1.5", r"train\.steps: expected int"),
+    ("diffusion.cut_ratio=1.5", r"diffusion\.cut_ratio: expected a number in \[0, 1\]"),
+    ("diffusion.cut_ratio=-0.1", r"diffusion\.cut_ratio"),
+    ("train.protocol=secret", r"train\.protocol"),
+    ("data.clients=DU", r"data\.clients: expected list\[str\]"),
+    ("lr=0.1", r"expected section\.key=value"),
+])
+def test_bad_config_values_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_toml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = ")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "configs/quickstart.toml"), "--out", str(out),
+                 "--set", "diffusion.cut_ratio=2"]) == 2
+    assert "diffusion.cut_ratio" in one_line_error(capsys)
+    assert not out.exists()
+    assert main(["train", str(REPO / "configs/quickstart.toml"), "--out", str(out),
+                 "--set", f"data.path={tmp_path / 'nothing.npz'}"]) == 2
+    assert "nothing.npz" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_cli_train_sample_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", str(REPO / "configs/quickstart.toml"), "--out", str(out)]
+    for item in tiny_overrides(**{"train.steps": 3}):
+        args += ["--set", item]
+    assert main(args) == 0
+    assert (out / "samples/DU.png").is_file()
+    assert main(["sample", str(out), "-n", "2", "--seed", "5", "--out", str(tmp_path / "s")]) == 0
+    assert np.load(tmp_path / "s/samples/HT.npz")["images"].shape == (2, 16, 16)
+    assert main(args + ["--resume"]) == 0  # a finished run resumes to the same end
+    capsys.readouterr()
+    assert main(args) == 2  # but is never overwritten
+    assert "not empty" in one_line_error(capsys)
+
+
+def test_cli_data_prepare_and_inspect_on_real_lgg_files(tmp_path, capsys):
+    if not SHARED_RAW.is_dir():
+        pytest.skip(f"{SHARED_RAW} is missing")
+    out = tmp_path / "ez.npz"
+    assert main(["data", "prepare", str(SHARED_RAW), str(out), "--size", "32"]) == 0
+    data = np.load(out)
+    assert data["images"].shape == (24, 32, 32) and set(data["site"]) == {"EZ"}
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out), "--preview", str(tmp_path / "p.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "24 images" in printed and "EZ 24" in printed
+    assert (tmp_path / "p.png").is_file()
+    assert main(["data", "inspect", str(tmp_path / "empty")]) == 2
+    assert "empty" in one_line_error(capsys)
