@@ -105,6 +105,9 @@ def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
     cfg, server = run.cfg, run.server
     scheduler, cut, num_timesteps = server.scheduler, server.cut, server.num_timesteps
     model, untrained = _server_model(server), _server_model(make_server(cfg))
+    if len(run.holdout) == 0:
+        raise ValueError(f"{run_dir}: the audit needs hold-out patients as non-members; the run "
+                         "has none (set data.holdout_sites or data.holdout_fraction)")
     holdout = to_model(run.holdout.images)
     steps = attacks.score_timesteps(cut, num_timesteps)
     num_pixels = int(np.prod(server.image_shape))
