@@ -6,7 +6,7 @@ Used by the tests (``tests/flower_harness.py`` re-exports it) and usable by hand
     with Deployment(workdir, app_dir) as dep:
         dep.start_superlink()
         dep.add_supernode("C0", {"client-id": "C0", "data-path": "...", "state-dir": "..."})
-        res = dep.run({"task": "ping", "run-dir": str(run_dir)}, timeout=120)
+        res = dep.run({"task": "train", "config": "...", "run-dir": str(run_dir)}, timeout=300)
 
 Every process gets its own ``FLWR_HOME`` under ``workdir`` (as if on its own machine), its
 own free loopback port(s), and runs in its own process group; ``close()`` (also on

@@ -7,11 +7,12 @@ the server sends with every message; a different config on a later message is re
 
 Message types handled:
 
-- ``query.hello``: build (first contact) or load the Client; reply its id and image count.
-- ``train``: ``Client.train_round(K)``; save the state; reply the K encoded messages.
+- ``query.hello``: check the config, reply the client id and image count (no model is built:
+  the model code is what makes a fresh ClientApp process slow, so hello stays light).
+- ``train``: build (first time) or load the Client; ``Client.train_round(K)``; save the state;
+  reply the K encoded messages.
 - ``query.sample``: the server's ``PartialSamples`` -> ``Client.finish_samples`` -> PNG grid
   and npz under ``<out-dir>``, on the node's own disk; only file names and sizes go back.
-- ``query.ping``: transport smoke test.
 
 ``node_config`` (``flower-supernode --node-config``): ``client-id``, ``data-path`` (the
 node's images, any format ``collafuse.data.load_images`` reads; ``cfg.data.intensity`` and
@@ -32,7 +33,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from . import transport
-from .common import atomic_write_json, info, node_setting
+from .common import atomic_write_bytes, atomic_write_json, info, node_setting
 
 app = ClientApp()
 
@@ -61,12 +62,12 @@ def _identity(context: Context) -> tuple[str, Path, Path | None, Path]:
     return cid, state_dir, data_path, out_dir
 
 
-def _load_client(msg: Message, context: Context):
-    """The node's Client: made on first contact, else restored from its state folder."""
+def _config_and_identity(msg: Message, context: Context):
+    """The run's config (as the server sent it) and this node's identity; checks the config
+    against the one this node's state was made with, and records it on first contact.
+
+    Light on purpose (no model code is imported): every message starts a fresh process."""
     from ...config import ConfigError
-    from ...data import load_images, normalise_intensity
-    from ...factory import load_client_data, make_client
-    from ...state import save_state  # noqa: F401  (Client.save uses it)
     from .server_app import config_from_text
 
     _, meta = transport.unpack(msg.content)
@@ -75,38 +76,55 @@ def _load_client(msg: Message, context: Context):
     cid, state_dir, data_path, out_dir = _identity(context)
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = state_dir / CONFIG_FILE
-    if cfg_file.is_file() and cfg_file.read_text() != cfg_text:
-        raise ConfigError(f"{cfg_file}: this node's state belongs to a run with another config; "
-                          "use a fresh state-dir for a new run")
-    if data_path is None:
-        parts, _ = load_client_data(cfg)
-        if cid not in parts:
-            raise ValueError(f"client {cid!r} is not a partition of {cfg.data.path} (have {sorted(parts)})")
-        images = parts[cid]
+    if cfg_file.is_file():
+        if cfg_file.read_text() != cfg_text:
+            raise ConfigError(f"{cfg_file}: this node's state belongs to a run with another config; "
+                              "use a fresh state-dir for a new run")
     else:
-        images = load_images(data_path, image_size=cfg.data.image_size, channels=cfg.data.channels)
-        images.images = normalise_intensity(images.images, cfg.data.intensity)
-        if cfg.data.max_images_per_client:
-            images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
-    client = make_client(cfg, cid, images)
-    if (state_dir / STATE_FILE).is_file():
-        client.load(state_dir / STATE_FILE)
-    else:
-        cfg_file.write_text(cfg_text)
+        atomic_write_bytes(cfg_file, cfg_text.encode())
     progress = {"round": 0}
     if (state_dir / PROGRESS_FILE).is_file():
         progress = json.loads((state_dir / PROGRESS_FILE).read_text())
+    return cfg, meta, cid, state_dir, data_path, out_dir, progress
+
+
+def _images(cfg, cid: str, data_path: Path | None):
+    """The node's training images, exactly as the in-process engine would give them."""
+    if data_path is None:
+        from ...factory import load_client_data
+
+        parts, _ = load_client_data(cfg)
+        if cid not in parts:
+            raise ValueError(f"client {cid!r} is not a partition of {cfg.data.path} (have {sorted(parts)})")
+        return parts[cid]
+    from ...data import load_images, normalise_intensity
+
+    images = load_images(data_path, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    images.images = normalise_intensity(images.images, cfg.data.intensity)
+    if cfg.data.max_images_per_client:
+        images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
+    return images
+
+
+def _load_client(msg: Message, context: Context):
+    """The node's Client: made on first use, else restored from its state folder."""
+    from ...factory import make_client
+
+    cfg, meta, cid, state_dir, data_path, out_dir, progress = _config_and_identity(msg, context)
+    client = make_client(cfg, cid, _images(cfg, cid, data_path))
+    if (state_dir / STATE_FILE).is_file():
+        client.load(state_dir / STATE_FILE)
     return client, meta, cid, state_dir, out_dir, progress
 
 
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    client, _, cid, state_dir, _, progress = _load_client(msg, context)
-    if not (state_dir / STATE_FILE).is_file():
-        client.save(state_dir / STATE_FILE)
-        atomic_write_json(state_dir / PROGRESS_FILE, progress)
-    info("hello: client %s, %d images, at round %d", cid, len(client.images), progress["round"])
-    return Message(content=transport.pack([], {"client-id": cid, "num-images": len(client.images),
+    """Who is this node and how many images does it hold. No model is built here (the model
+    code is what makes a ClientApp process slow to start); the first ``train`` builds it."""
+    cfg, _, cid, _, data_path, _, progress = _config_and_identity(msg, context)
+    n = len(_images(cfg, cid, data_path))
+    info("hello: client %s, %d images, at round %d", cid, n, progress["round"])
+    return Message(content=transport.pack([], {"client-id": cid, "num-images": n,
                                                "round": int(progress["round"])}), reply_to=msg)
 
 
@@ -151,16 +169,3 @@ def sample(msg: Message, context: Context) -> Message:
     info("sample: client %s wrote %d images to %s", cid, len(pixels), out_dir)
     return Message(content=transport.pack([], {"client-id": cid, "png": str(png), "npz": str(npz),
                                                "num-images": len(pixels)}), reply_to=msg)
-
-
-@app.query("ping")
-def ping(msg: Message, context: Context) -> Message:
-    arrays, meta = transport.unpack(msg.content)
-    nc = context.node_config
-    client_id = str(node_setting(nc, "client-id"))
-    state_dir = Path(str(node_setting(nc, "state-dir")))
-    reply = [{k: (v * 2 if np.issubdtype(v.dtype, np.number) else v) for k, v in a.items()} for a in arrays]
-    atomic_write_json(state_dir / "ping.json", {"client-id": client_id, "meta": meta, "n": len(arrays)})
-    info("ping from server handled by %s (%d messages)", client_id, len(arrays))
-    out = transport.pack(reply, {"client-id": client_id, "data-path": str(nc.get("data-path", ""))})
-    return Message(content=out, reply_to=msg)

@@ -8,12 +8,14 @@ same seed. The server state is saved to ``<run-dir>/server.pt`` every round (ato
 restarted ServerApp with the same ``run-dir`` and config resumes after the last saved round.
 
 Faults: a node that fails or does not answer within ``round-timeout`` is logged and the
-round goes on with the replies that came. A reply that does not decode, has the wrong count
+round goes on with the replies that came. A node that connects during the run (a hospital
+whose SuperNode restarted after a crash gets a new node id) is greeted before the next round
+and serves its client again; the client resumes from its own disk. A reply that does not decode, has the wrong count
 or round, or holds a message the Server rejects (shape, dtype, NaN/inf, protocol, timesteps)
 is dropped whole with a logged reason before anything of it reaches the model.
 
 Run config (``[tool.flwr.app.config]`` in pyproject.toml, override with ``flwr run -c``):
-``task`` ("train" or "ping"), ``config`` (CollaFuse TOML path; "" = defaults), ``overrides``
+``task`` ("train"), ``config`` (CollaFuse TOML path; "" = defaults), ``overrides``
 (space-separated ``section.key=value``), ``run-dir`` (absolute path), ``rounds`` (0 = from the
 config), ``batches-per-round`` (0 = ``train.batches_per_round``), ``min-nodes``,
 ``node-wait-timeout``, ``round-timeout`` (seconds), ``sample-n`` (split inference per node
@@ -103,9 +105,15 @@ def _send(grid: Grid, nodes, message_type: str, contents: dict[int, RecordDict],
     """send_and_receive; returns ({node: reply content}, {node: failure reason})."""
     out = [Message(content=contents[n], dst_node_id=n, message_type=message_type) for n in nodes]
     replies = grid.send_and_receive(out, timeout=timeout)
+    # match replies by the message they answer: an error made by the SuperLink itself (e.g. the
+    # node went offline) comes from the SuperLink's own node id, not from the node asked
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in out if m.metadata.message_id}
     ok, failed = {}, {}
     for r in replies:
-        src = r.metadata.src_node_id
+        src = asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+        if src not in contents:
+            warn("%s: reply from unexpected node %s ignored", message_type, src)
+            continue
         if r.has_error():
             failed[src] = f"error {r.error.code}: {r.error.reason}"
         else:
@@ -114,6 +122,30 @@ def _send(grid: Grid, nodes, message_type: str, contents: dict[int, RecordDict],
         if n not in ok and n not in failed:
             failed[n] = f"no reply within {timeout:.0f}s"
     return ok, failed
+
+
+def greet(grid: Grid, nodes, cfg_text: str, done: int, timeout: float, names: dict, node_of: dict) -> None:
+    """Send ``query.hello`` to ``nodes``; record who answered (a client id seen before moves
+    to the node that answered now, e.g. a hospital that came back after a crash)."""
+    hello_meta = {"config-toml": cfg_text, "round": done}
+    ok, failed = _send(grid, nodes, "query.hello", {n: transport.pack([], hello_meta) for n in nodes}, timeout)
+    for n, why in failed.items():
+        names[n] = {"client-id": None}  # do not ask this node again
+        warn("node %s left out: hello failed (%s)", n, why)
+    for n, content in ok.items():
+        try:
+            _, meta = transport.unpack(content)
+            cid = str(meta["client-id"])
+            int(meta["num-images"])
+        except (transport.TransportError, KeyError, TypeError, ValueError) as err:
+            names[n] = {"client-id": None}
+            warn("node %s left out: bad hello reply (%s)", n, err)
+            continue
+        names[n] = meta
+        if cid in node_of and node_of[cid] != n:
+            info("client %s is back on node %s (was node %s); it resumes from its disk at round %s",
+                 cid, n, node_of[cid], meta.get("round"))
+        node_of[cid] = n
 
 
 def train(grid: Grid, context: Context) -> dict:
@@ -143,13 +175,11 @@ def train(grid: Grid, context: Context) -> dict:
     nodes = wait_for_nodes(grid, int(rc.get("min-nodes", 1)), float(rc.get("node-wait-timeout", 120.0)))
     if not nodes:
         raise RuntimeError("no SuperNode connected")
-    hello_meta = {"config-toml": cfg_text, "round": progress["round"]}
-    ok, failed = _send(grid, nodes, "query.hello", {n: transport.pack([], hello_meta) for n in nodes},
-                       round_timeout)
-    for n, why in failed.items():
-        warn("node %s left out: hello failed (%s)", n, why)
-    names = {n: transport.unpack(c)[1] for n, c in ok.items()}
-    node_of = {str(m["client-id"]): n for n, m in names.items()}
+    names: dict[int, dict] = {}  # node id -> its hello reply (client-id, num-images, round)
+    node_of: dict[str, int] = {}  # client id -> the node that serves it now
+    greet(grid, nodes, cfg_text, progress["round"], round_timeout, names, node_of)
+    if not node_of:
+        raise RuntimeError(f"none of the nodes {nodes} answered hello")
     order = client_order(cfg, node_of)
     sizes = [int(names[node_of[c]]["num-images"]) for c in order]
     rounds = int(rc.get("rounds", 0)) or total_rounds(cfg, sizes)
@@ -159,6 +189,12 @@ def train(grid: Grid, context: Context) -> dict:
         while progress["round"] < rounds:
             rnd = progress["round"] + 1
             start = time.perf_counter()
+            # a node that (re)connected since the last round: a hospital that came back after a
+            # crash gets a new node id; its hello names its client and it rejoins from its disk
+            new = sorted({int(n) for n in grid.get_node_ids()} - set(names))
+            if new:
+                greet(grid, new, cfg_text, progress["round"], round_timeout, names, node_of)
+                order = client_order(cfg, node_of)
             meta = {"config-toml": cfg_text, "round": rnd, "batches": K}
             targets = [node_of[c] for c in order]
             ok, failed = _send(grid, targets, "train", {n: transport.pack([], meta) for n in targets},
@@ -211,33 +247,9 @@ def train(grid: Grid, context: Context) -> dict:
     return result
 
 
-def ping(grid: Grid, context: Context) -> dict:
-    """Send a small array to every node and check the doubled echo."""
-    import numpy as np
-
-    rc = context.run_config
-    run_dir = Path(str(rc.get("run-dir", "runs/flower")))
-    nodes = wait_for_nodes(grid, int(rc.get("min-nodes", 1)), float(rc.get("node-wait-timeout", 60.0)))
-    info("ping: %d node(s) connected: %s", len(nodes), nodes)
-    payload = [{"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"kind": np.array("ping")}]
-    ok, failed = _send(grid, nodes, "query.ping", {n: transport.pack(payload, {"round": 0}) for n in nodes},
-                       float(rc.get("round-timeout", 120.0)))
-    result: dict = {"nodes": nodes, "replies": {}, "failed": {str(k): v for k, v in failed.items()}}
-    for src, content in ok.items():
-        arrays, meta = transport.unpack(content)
-        good = np.array_equal(arrays[0]["x"], payload[0]["x"] * 2) and str(arrays[1]["kind"]) == "ping"
-        result["replies"][str(meta["client-id"])] = {"node-id": src, "ok": bool(good), "data-path": meta["data-path"]}
-    atomic_write_json(run_dir / "ping.json", result)
-    info("ping: %d/%d replies ok", sum(v["ok"] for v in result["replies"].values()), len(nodes))
-    return result
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     task = str(context.run_config.get("task", "train"))
-    if task == "ping":
-        ping(grid, context)
-    elif task == "train":
-        train(grid, context)
-    else:
-        raise ValueError(f"run config task={task!r}: expected 'train' or 'ping'")
+    if task != "train":
+        raise ValueError(f"run config task={task!r}: expected 'train'")
+    train(grid, context)

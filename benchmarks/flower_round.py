@@ -1,0 +1,175 @@
+"""Flower engine: bytes per round per node, and time per round in deployment vs in-process.
+
+    python benchmarks/flower_round.py [--config configs/quickstart.toml] [--rounds 3]
+
+(a) Bytes per round per node, for both protocols (shared-noise, noisy-data), at the config's
+    batch size, image size and cut ratio (quickstart: 32x32, batch 64, c = 0.6, T = 100):
+    a client of the config trains ``--byte-rounds`` rounds of K batches and we count what it
+    sends (the CollaFuse payload: array bytes, and the Flower RecordDict as protobuf) and what
+    the server sends it (the train request, which carries the run's config).
+(b) Time per round: the same work (two hospitals, DU and HT, K batches each, one server step
+    per batch index) through the in-process engine (``engines.local.Run.train_round``) and
+    through a real deployment on loopback (flower-superlink + 2 flower-supernode +
+    ``flwr run``; the server's own per-round wall time from its metrics log), side by side in
+    one run: in-process, then deployment, then in-process again (the machines are shared and
+    noisy; the in-process figure is the mean of both passes).
+
+Prints a table and the ratio. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from collafuse.config import load_config  # noqa: E402
+from collafuse.data import save_images  # noqa: E402
+from collafuse.engines.flower import transport  # noqa: E402
+from collafuse.engines.local import Run  # noqa: E402
+from collafuse.factory import load_client_data, make_client  # noqa: E402
+from collafuse.messages import encode  # noqa: E402
+
+PROTOCOLS = ("shared-noise", "noisy-data")
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("collafuse_flower_harness",
+                                                  ROOT / "scripts" / "flower" / "harness.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def wire_bytes(content) -> int:
+    """Size of a Flower RecordDict as protobuf (what crosses the wire, before HTTP framing)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
+
+
+def bytes_per_round(config: Path, overrides: list[str], rounds: int) -> list[dict]:
+    rows = []
+    for protocol in PROTOCOLS:
+        cfg = load_config(config, [*overrides, f"train.protocol='{protocol}'"])
+        parts, _ = load_client_data(cfg)
+        cid = next(iter(parts))
+        client = make_client(cfg, cid, parts[cid])
+        k = cfg.train.batches_per_round
+        request = transport.pack([], {"config-toml": cfg.to_toml(), "round": 1, "batches": k})
+        payload, wire, images = [], [], []
+        for rnd in range(1, rounds + 1):
+            encoded = [encode(m) for m in client.train_round(k)]
+            payload.append(transport.nbytes(encoded))
+            wire.append(wire_bytes(transport.pack(encoded, {"client-id": cid, "round": rnd,
+                                                            "client-loss": 0.0})))
+            images.append(sum(int(a[next(n for n in a if n in ("x_t", "views"))].shape[0]) for a in encoded))
+        rows.append({
+            "protocol": protocol, "client": cid, "batch": cfg.train.batch_size, "K": k,
+            "image": cfg.data.image_size, "cut_ratio": cfg.diffusion.cut_ratio,
+            "T": cfg.diffusion.num_timesteps, "rounds": rounds,
+            "images_sent_per_round": statistics.mean(images),
+            "payload_up": statistics.mean(payload), "wire_up": statistics.mean(wire),
+            "wire_up_min": min(wire), "wire_up_max": max(wire),
+            "wire_down": wire_bytes(request),
+        })
+    return rows
+
+
+def time_in_process(cfg, rounds: int) -> list[float]:
+    run = Run(cfg)
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run.train_round()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def time_deployment(config: Path, cfg, rounds: int, work: Path) -> tuple[list[float], float]:
+    h = _harness()
+    parts, _ = load_client_data(cfg)
+    run_dir = work / "run"
+    with h.Deployment(work / "dep", ROOT) as dep:
+        dep.start_superlink()
+        for cid, part in parts.items():
+            save_images(part, work / f"{cid}.npz")
+            dep.add_supernode(cid, {"client-id": cid, "data-path": str(work / f"{cid}.npz"),
+                                    "state-dir": str(work / f"state-{cid}")})
+        start = time.perf_counter()
+        res = dep.run({"task": "train", "config": str(config),
+                       "run-dir": str(run_dir), "rounds": rounds, "min-nodes": len(parts),
+                       "round-timeout": 600.0}, timeout=60 + 120 * rounds)
+        total = time.perf_counter() - start
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{res.stdout[-3000:]}")
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if any(x["clients"] != list(parts) for x in lines):
+        raise RuntimeError(f"a node missed a round: {lines}")
+    return [x["seconds"] for x in lines], total
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.toml")
+    ap.add_argument("--clients", default="DU,HT", help="the hospitals of part (b), one SuperNode each")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds timed per engine in part (b)")
+    ap.add_argument("--byte-rounds", type=int, default=5, help="rounds counted per protocol in part (a)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override section.key=value (repeatable)")
+    ap.add_argument("--skip-deploy", action="store_true", help="only part (a)")
+    args = ap.parse_args(argv)
+    config = args.config.resolve()
+    # data.path relative to the repository, whatever the working directory
+    overrides = [f"data.path='{(ROOT / load_config(config).data.path).resolve()}'", *args.overrides]
+
+    print(f"config {config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}"
+          + (f" with {overrides}" if overrides else ""))
+    print("\n(a) bytes per round per node (mean over rounds; up = node -> server, down = server -> node)")
+    rows = bytes_per_round(config, overrides, args.byte_rounds)
+    r0 = rows[0]
+    print(f"    {r0['image']}x{r0['image']}, batch {r0['batch']}, K = {r0['K']} batch(es) per round, "
+          f"c = {r0['cut_ratio']}, T = {r0['T']}, client {r0['client']}, {r0['rounds']} rounds")
+    print(f"    {'protocol':<13} {'images/round':>12} {'payload up':>12} {'wire up':>12} "
+          f"{'(min..max)':>20} {'wire down':>10}")
+    for r in rows:
+        print(f"    {r['protocol']:<13} {r['images_sent_per_round']:>12.1f} {r['payload_up']:>12,.0f} "
+              f"{r['wire_up']:>12,.0f} {r['wire_up_min']:>9,}..{r['wire_up_max']:<9,} {r['wire_down']:>10,}")
+    print(f"    noisy-data / shared-noise (wire up): {rows[1]['wire_up'] / rows[0]['wire_up']:.2f}")
+    if args.skip_deploy:
+        return
+
+    cids = [c.strip() for c in args.clients.split(",") if c.strip()]
+    cfg = load_config(config, [*overrides, "data.clients=[" + ", ".join(f"'{c}'" for c in cids) + "]"])
+    print(f"\n(b) time per round, {len(cids)} hospitals {cids}, {cfg.train.protocol}, "
+          f"K = {cfg.train.batches_per_round}, {args.rounds} rounds per engine (seconds)")
+    with tempfile.TemporaryDirectory(prefix="flower-round-") as tmp:
+        tmp = Path(tmp)
+        cfg_file = tmp / "bench.toml"  # the resolved config: both engines read this one file
+        cfg_file.write_text(cfg.to_toml())
+        cfg = load_config(cfg_file)
+        a = time_in_process(cfg, args.rounds)
+        d, total = time_deployment(cfg_file, cfg, args.rounds, tmp)
+        b = time_in_process(cfg, args.rounds)
+    inproc = statistics.mean(a + b)
+    dep = statistics.mean(d)
+    print(f"    in-process (Run.train_round)    mean {inproc:6.2f}  rounds {[round(x, 2) for x in a + b]}")
+    print(f"    deployment (superlink+2 nodes)  mean {dep:6.2f}  rounds {[round(x, 2) for x in d]}")
+    print(f"    deployment / in-process: {dep / inproc:.1f}x   "
+          f"(whole `flwr run` incl. start-up and hello: {total:.1f}s for {args.rounds} rounds)")
+    print(json.dumps({"bytes": rows, "seconds": {"in_process": a + b, "deployment": d,
+                                                 "flwr_run_total": total}}, default=float))
+
+
+if __name__ == "__main__":
+    main()
