@@ -89,8 +89,9 @@ def test_sweep_end_to_end_resumes_where_it_stopped(tmp_path):
 
 def _synthetic_rows(kid, mse, energy):
     cs = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    return [dict(cut_ratio=c, client=cid, kid_train=k, kid_holdout=k, disclosure_mse=m,
-                 disclosure_nn_mse=m, client_energy_kwh=e, client_flops=e * 1e12)
+    return [dict(cut_ratio=c, cut_index=round(100 * c), num_timesteps=100, client=cid,
+                 kid_train=k, kid_holdout=k, disclosure_mse=m, disclosure_nn_mse=m,
+                 client_energy_kwh=e, client_flops=e * 1e12)
             for c, k, m, e in zip(cs, kid, mse, energy) for cid in ("A", "B")]
 
 

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept: continue with --resume", file=sys.stderr)
+        print("interrupted; the last checkpoint is kept: continue with --resume "
+              "(a sweep: run the same command again)", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:  # our errors are one-line ValueErrors
         print(f"collafuse: error: {err}", file=sys.stderr)

@@ -12,8 +12,8 @@ an engine that needs its summary.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 SERVER = "server"
 
@@ -42,15 +42,15 @@ class NullMeter:
 
 
 class WallMeter:
-    """Wall seconds and bytes per (party, phase); rows shaped like CostMeter's (no FLOPs, energy)."""
+    """Wall seconds and bytes per (party, phase); rows like CostMeter's, without FLOPs, energy."""
 
     def __init__(self):
         self._rows: dict[tuple[str, str], dict] = {}
 
     def _row(self, party: str, phase: str) -> dict:
-        return self._rows.setdefault((party, phase), dict(
-            party=party, phase=phase, flops=None, seconds=0.0, bytes_sent=0,
-            bytes_received=0, energy_kwh=None))
+        return self._rows.setdefault((party, phase), {
+            "party": party, "phase": phase, "flops": None, "seconds": 0.0, "bytes_sent": 0,
+            "bytes_received": 0, "energy_kwh": None})
 
     @contextmanager
     def measure(self, party: str, phase: str, count_flops: bool = True) -> Iterator[None]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
+import numpy as np
 
 FIGURES = {
     "kid": "fig3_kid.png",
@@ -116,12 +116,12 @@ def plot_disclosure(rows: list[dict], path: Path) -> None:
 def plot_costs(rows: list[dict], path: Path) -> None:
     """Training cost of a client (mean over clients) and of the server, against c."""
     cs = cut_ratios(rows)
-    panels = [("flops", "FLOPs"), ("energy_kwh", "energy (kWh)"), ("bytes", "bytes sent + received"),
-              ("seconds", "wall time (s)")]
+    panels = [("flops", "FLOPs"), ("energy_kwh", "energy (kWh)"),
+              ("bytes", "bytes sent + received"), ("seconds", "wall time (s)")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (key, label) in zip(axes, panels):
-        for party in ("client", "server"):
-            ax.plot(cs, _party_cost(rows, party, key), "o-", label=party)
+        for party, label_ in (("client", "client (mean over clients)"), ("server", "server")):
+            ax.plot(cs, _party_cost(rows, party, key), "o-", label=label_)
         ax.set_xlabel("cut ratio c")
         ax.set_title(label)
     axes[0].legend()
@@ -187,17 +187,18 @@ def render(rows: list[dict], out: Path) -> str:
         *findings(rows),
         "## Results per cut ratio (mean over clients)",
         summary_table(rows),
-        "Per client and cut ratio: `results.csv` / `results.json`. The client FLOP share is "
-        "client FLOPs / (client FLOPs + server FLOPs / number of clients) in training: the "
-        "server trains on equal-sized batches from every client, so that is the part of the "
-        "work on this client's data that the client does itself.",
+        ("Per client and cut ratio: `results.csv` / `results.json`. The client FLOP share is "
+         "client FLOPs / (client FLOPs + server FLOPs / number of clients) in training: the "
+         "server trains on equal-sized batches from every client, so that is the part of the "
+         "work on this client's data that the client does itself."),
         "## Figures",
-        "Figure 3 of the paper: per-client KID (stacked) against c.\n\n"
-        f"![KID]({FIGURES['kid']})",
+        f"Figure 3 of the paper: per-client KID (stacked) against c.\n\n![KID]({FIGURES['kid']})",
         f"Disclosed information against c.\n\n![disclosure]({FIGURES['disclosure']})",
         f"Training cost per party against c.\n\n![costs]({FIGURES['costs']})",
-        "Figure 2 of the paper: one sample's denoising, a row per c (same starting noise; "
-        f"labels: steps left, and who ran them).\n\n![trajectory]({FIGURES['trajectory']})",
+        *([] if not (out / FIGURES["trajectory"]).is_file() else [
+            ("Figure 2 of the paper: one sample's denoising, a row per c (same starting noise; "
+             f"labels: steps left, and who ran them).\n\n![trajectory]({FIGURES['trajectory']})")
+        ]),
         privacy_section(out),
     ]
     return "\n\n".join(parts) + "\n"
@@ -214,7 +215,8 @@ def _energy_note(estimate: set) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    cols = [("kid_train", "KID train", "{:.4f}"), ("kid_holdout", "KID hold-out", "{:.4f}"),
+    cols = [("handover_sigma", "hand-over noise std", "{:.2f}"),
+            ("kid_train", "KID train", "{:.4f}"), ("kid_holdout", "KID hold-out", "{:.4f}"),
             ("disclosure_mse", "discl. MSE", "{:.3f}"),
             ("disclosure_nn_mse", "discl. NN-MSE", "{:.3f}"),
             ("disclosure_kid", "discl. KID", "{:.4f}"),
@@ -225,7 +227,8 @@ def summary_table(rows: list[dict]) -> str:
             ("server_bytes_received", "server bytes recv.", "{:.3g}")]
     lines = ["| c | " + " | ".join(name for _, name, _ in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
-    values = {key: by_cut(rows, key) for key, _, _ in cols}
+    values = {key: by_cut(rows, key) for key, _, _ in cols if key != "handover_sigma"}
+    values["handover_sigma"] = handover_sigma(rows)
     for i, c in enumerate(cut_ratios(rows)):
         cells = [fmt.format(values[key][i]) if np.isfinite(values[key][i]) else "n/a"
                  for key, _, fmt in cols]
@@ -233,12 +236,23 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def handover_sigma(rows: list[dict]) -> np.ndarray:
+    """Noise std of the server's hand-over x_{s-1} per cut ratio: sqrt(1 - abar_{s-1}),
+    1 for s = T (pure noise) and 0 for s = 0 (the final image)."""
+    from ..diffusion import make_scheduler
+
+    abar = make_scheduler(rows[0]["num_timesteps"]).alphas_cumprod.numpy()
+    cuts = {r["cut_ratio"]: r["cut_index"] for r in rows}
+    return np.array([np.sqrt(1.0 - abar[cuts[c] - 1]) if cuts[c] > 0 else 0.0
+                     for c in cut_ratios(rows)])
+
+
 def findings(rows: list[dict]) -> list[str]:
     """The paper's four findings, each with this run's numbers and a verdict."""
     cs = cut_ratios(rows)
     if len(cs) < 3:
-        return ["Fewer than three cut ratios were evaluated; the paper's trends cannot be "
-                "checked on this run."]
+        return [("Fewer than three cut ratios were evaluated; the paper's trends cannot be "
+                 "checked on this run.")]
     return [_u_shape(rows, cs), _collaboration(rows, cs), _disclosure(rows, cs),
             _energy(rows, cs)]
 
@@ -288,7 +302,9 @@ def _disclosure(rows, cs) -> str:
     return ("3. **Disclosed information is high only at c = 0** (paper: mean pixel MSE "
             f"{PAPER_DISCLOSURE_MSE['c=0']} at c = 0 against {PAPER_DISCLOSURE_MSE['c>=0.2']} "
             f"for c >= 0.2). {_verdict(clear, at_zero < min(others))}: mean pairwise MSE "
-            f"{_series(cs, mse, '{:.3f}')}; nearest-neighbour MSE {_series(cs, nn, '{:.3f}')}. "
+            f"{_series(cs, mse, '{:.3f}')}; nearest-neighbour MSE {_series(cs, nn, '{:.3f}')}; "
+            f"hand-over noise std {_series(cs, handover_sigma(rows), '{:.2f}')} (the client owns "
+            "the s lowest-noise steps, so a small c hands over a lightly noised image). "
             "(Criterion: the c = 0 value below a third of every c > 0 value.)")
 
 

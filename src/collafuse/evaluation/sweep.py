@@ -87,7 +87,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
 
 
 def train_cut(cfg: Config, cut_ratio: float, run_dir: Path, progress: bool = True) -> None:
-    """Train one cut ratio with FLOPs and energy metered; keep a finished run, resume a begun one."""
+    """Train one cut ratio, FLOPs and energy metered; keep a finished run, resume a begun one."""
     cfg_c = cut_config(cfg, cut_ratio)
     config_file = run_dir / "config.toml"
     if (run_dir / "summary.json").is_file():
@@ -127,8 +127,8 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
                                cache, progress)
         gen_feats = _features(to_uint8(images), cache, progress)
         handover_feats = _features(to_uint8(handover.clamp(-1.0, 1.0)), cache, progress)
-        kid_args = dict(num_subsets=ev.kid_subsets, subset_size=ev.kid_subset_size,
-                        seed=cfg.run.seed)
+        kid_args = {"num_subsets": ev.kid_subsets, "subset_size": ev.kid_subset_size,
+                    "seed": cfg.run.seed}
         kid_train = kid(gen_feats, real_feats, **kid_args)
         kid_holdout = kid(gen_feats, holdout, **kid_args)
         kid_disclosure = kid(handover_feats, real_feats, **kid_args)
@@ -199,7 +199,7 @@ def _features(images_uint8: np.ndarray, cache: Path, progress: bool) -> np.ndarr
 
 
 def _generate(run, client_id: str, num_samples: int, seed: int):
-    """Split inference in chunks (seeds seed, seed + 1, ...): (images, hand-over), [-1, 1] floats."""
+    """Split inference in chunks (seeds seed, seed + 1, ...): (images, hand-over) in [-1, 1]."""
     images, handover = [], []
     for k, start in enumerate(range(0, num_samples, SAMPLE_CHUNK)):
         x, h = run.sample(client_id, min(SAMPLE_CHUNK, num_samples - start), seed + k)
@@ -217,7 +217,7 @@ def trajectory(run, client_id: str, num_steps: int, seed: int) -> tuple[list[int
     """
     server, client = run.server, run.clients[client_id]
     total = server.num_timesteps
-    marks = sorted({int(round(v)) for v in np.linspace(total, 0, num_steps)}, reverse=True)
+    marks = sorted({round(float(v)) for v in np.linspace(total, 0, num_steps)}, reverse=True)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((1, *server.image_shape), generator=generator)
     frames = [x]
