@@ -1,6 +1,5 @@
 """Configs are validated; the command line reports bad input in one line and writes nothing."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -78,7 +78,6 @@ def test_noisy_data_without_the_weighting_misses_the_optimum():
     g = torch.Generator().manual_seed(0)
     x0 = draw_x0(g)
     view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
-    msg = NoisyViews(client_id="toy", views=view, cut=CUT)
 
     def unweighted(m):
         gen = torch.Generator().manual_seed(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from collafuse.config import ConfigError
-from collafuse.engines.local import Run, load_run, run_training
+from collafuse.engines.local import load_run, run_training
 from collafuse.state import StateError, load_state
 
 RUN_FILES = ["config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json",

@@ -1,16 +1,21 @@
-"""Atomic, pickle-free persistence of party states and checkpoints.
+"""Atomic, pickle-free persistence: party states, checkpoints and every file a run writes.
 
 States hold tensors and plain Python values only; they are loaded with
 ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects. Every write goes to a
 temporary file in the same folder first and is renamed into place, so a crash never leaves a
-half-written checkpoint behind.
+half-written checkpoint, table or image behind. This module imports nothing from collafuse, so
+every layer may use it.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -18,12 +23,35 @@ class StateError(ValueError):
     """A checkpoint or state file that is missing or unreadable (one-line reason)."""
 
 
-def save_state(state: dict, path: str | Path) -> None:
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_npz(path: str | Path, **arrays) -> None:
+    """Compressed npz; a file object keeps numpy from appending ".npz" to the temporary name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def save_state(state: dict, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: str | Path) -> dict:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
 
+from ..state import save_npz
 from .imageset import DataError, ImageSet
 
 
@@ -20,7 +19,4 @@ def save_images(images: ImageSet, path) -> None:
             raise DataError(f"ImageSet.meta[{key!r}]: object arrays cannot be saved without pickle; use str or numbers")
     if "images" in images.meta:
         raise DataError("ImageSet.meta: the field name 'images' is reserved for the pixel array")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the temp name
-        np.savez_compressed(f, images=images.images, **images.meta)
-    os.replace(tmp, path)
+    save_npz(path, images=images.images, **images.meta)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..state import atomic_path
 from .imageset import DataError
 
 
@@ -98,7 +97,5 @@ def save_grid(images_uint8: np.ndarray, path, nrow: int, padding: int = 2) -> No
         r, c = divmod(i, nrow)
         y0, x0 = padding + r * (h + padding), padding + c * (w + padding)
         grid[y0 : y0 + h, x0 : x0 + w] = im
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")

@@ -21,7 +21,7 @@ from ..config import Config, ConfigError, load_config
 from ..data import save_grid, to_uint8
 from ..factory import load_client_data, make_client, make_server, total_rounds
 from ..metering import SERVER, WallMeter, client_party, totals
-from ..state import load_state, save_state
+from ..state import load_state, save_npz, save_state, write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -146,7 +146,7 @@ def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, run: Run) -> None:
         raise ConfigError(f"{run_dir}: folder exists and is not empty; choose another --out "
                           "or add --resume")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(config_file, cfg.to_toml())
+    write_text(config_file, cfg.to_toml())
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:
@@ -155,7 +155,7 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
         return
     lines = [ln for ln in path.read_text().splitlines()
              if ln.strip() and json.loads(ln)["round"] <= last_round]
-    _write_text(path, "".join(ln + "\n" for ln in lines))
+    write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
@@ -166,13 +166,17 @@ def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
     out = {}
     for cid in run.clients:
         images, handover = run.sample(cid, num_samples, seed)
-        pixels = to_uint8(images)
-        folder = run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_grid(pixels, folder / f"{cid}.png", nrow=int(np.ceil(np.sqrt(num_samples))))
-        _save_npz(folder / f"{cid}.npz", images=pixels, handover=handover.numpy())
-        out[cid] = folder / f"{cid}.png"
+        out[cid], _ = save_samples(run_dir / "samples", cid, images, handover)
     return out
+
+
+def save_samples(folder: Path, client_id: str, images, handover) -> tuple[Path, Path]:
+    """A client's finished samples as a PNG grid, and as uint8 in an npz with the hand-over."""
+    pixels = to_uint8(images)
+    png, npz = folder / f"{client_id}.png", folder / f"{client_id}.npz"
+    save_grid(pixels, png, nrow=int(np.ceil(np.sqrt(len(pixels)))))
+    save_npz(npz, images=pixels, handover=handover.numpy())
+    return png, npz
 
 
 def write_summary(run: Run, run_dir: Path) -> dict:
@@ -192,7 +196,7 @@ def write_summary(run: Run, run_dir: Path) -> dict:
         "seconds": {name: t["seconds"] or 0.0 for name, t in run.party_totals().items()},
         "costs": run.meter.rows(),
     }
-    _write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -203,15 +207,3 @@ def load_run(run_dir: str | Path, meter=None) -> Run:
     run = Run(cfg, meter)
     run.load_state_dict(load_state(run_dir / CHECKPOINT))
     return run
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)

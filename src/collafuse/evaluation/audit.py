@@ -20,8 +20,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from ..diffusion import add_noise, handover_view
 from ..messages import SampleRequest, decode, encode
 from ..models import predict_noise
 from ..protocols import PROTOCOLS, server_message
+from ..state import atomic_path, write_text
 from . import attacks
 from .accounting import DEFAULT_DELTA, explain, protocol_privacy
 
@@ -176,15 +175,15 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
             for row in audit_run(run_dir, num_images, seed, delta, progress)]
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "privacy.csv", to_csv(rows))
-    _write_atomic(out / "privacy.json", json.dumps(
+    write_text(out / "privacy.csv", to_csv(rows))
+    write_text(out / "privacy.json", json.dumps(
         {"delta": delta, "num_images": num_images, "seed": seed, "rows": _jsonable(rows)},
         indent=2, allow_nan=False))
     markdown = to_markdown(rows)
     results = Path(path) / "results.json"
     if results.is_file():
         markdown += "\n" + tradeoff_markdown(rows, json.loads(results.read_text()), out)
-    _write_atomic(out / "privacy.md", markdown)
+    write_text(out / "privacy.md", markdown)
     if results.is_file() and out == Path(path):
         from .report import write_report
 
@@ -269,10 +268,9 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def load_privacy_rows(path: str | Path) -> list[dict]:
@@ -378,14 +376,3 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..state import atomic_path
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -104,16 +104,9 @@ def cached_features(images_uint8: np.ndarray, cache_dir: Path | None, batch_size
     if path.is_file():
         return np.load(path)
     feats = inception_features(images, batch_size, progress, device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Temp file then rename: a crash never leaves a truncated cache entry behind.
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, feats)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # temp file then rename: a crash never leaves a truncated cache entry behind
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, feats)
     return feats
 
 

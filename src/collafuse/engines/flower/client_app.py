@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from . import transport
-from .common import atomic_write_bytes, atomic_write_json, info, node_setting
+from ...state import write_text
+from .common import write_json, info, node_setting
 
 app = ClientApp()
 
@@ -81,7 +81,7 @@ def _config_and_identity(msg: Message, context: Context):
             raise ConfigError(f"{cfg_file}: this node's state belongs to a run with another config; "
                               "use a fresh state-dir for a new run")
     else:
-        atomic_write_bytes(cfg_file, cfg_text.encode())
+        write_text(cfg_file, cfg_text)
     progress = {"round": 0}
     if (state_dir / PROGRESS_FILE).is_file():
         progress = json.loads((state_dir / PROGRESS_FILE).read_text())
@@ -137,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     out = client.train_round(k)
     client.save(state_dir / STATE_FILE)
     progress = {"round": rnd, "client-steps": client.steps}
-    atomic_write_json(state_dir / PROGRESS_FILE, progress)
+    write_json(state_dir / PROGRESS_FILE, progress)
     encoded = [encode(m) for m in out]
     info("train: client %s round %d, %d batches, %d bytes out", cid, rnd, k, transport.nbytes(encoded))
     return Message(content=transport.pack(encoded, {"client-id": cid, "round": rnd,
@@ -147,8 +147,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query("sample")
 def sample(msg: Message, context: Context) -> Message:
-    from ...data import save_grid, to_uint8
     from ...messages import MessageError, PartialSamples, decode
+    from ..local import save_samples
 
     client, meta, cid, _, out_dir, _ = _load_client(msg, context)
     arrays, _ = transport.unpack(msg.content)
@@ -159,13 +159,7 @@ def sample(msg: Message, context: Context) -> Message:
         raise MessageError(f"sample request for {cid}: expected partial-samples, got {partial.kind}")
     seed = int(meta.get("seed", 0))
     images = client.finish_samples(partial, seed)
-    pixels = to_uint8(images)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png, npz = out_dir / f"{cid}.png", out_dir / f"{cid}.npz"
-    save_grid(pixels, png, nrow=int(np.ceil(np.sqrt(len(pixels)))))
-    tmp = npz.with_name(npz.name + ".tmp.npz")
-    np.savez_compressed(tmp, images=pixels, handover=partial.x.numpy())
-    tmp.replace(npz)
-    info("sample: client %s wrote %d images to %s", cid, len(pixels), out_dir)
+    png, npz = save_samples(out_dir, cid, images, partial.x)
+    info("sample: client %s wrote %d images to %s", cid, len(images), out_dir)
     return Message(content=transport.pack([], {"client-id": cid, "png": str(png), "npz": str(npz),
-                                               "num-images": len(pixels)}), reply_to=msg)
+                                               "num-images": len(images)}), reply_to=msg)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.common import log
+
+from ...state import write_text
 
 LOG_PREFIX = "[collafuse] "
 
@@ -38,26 +38,8 @@ def wait_for_nodes(grid: Any, min_nodes: int, timeout: float, poll: float = 0.5)
         time.sleep(poll)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def node_setting(node_config: dict[str, Any], key: str, default: Any = None) -> Any:

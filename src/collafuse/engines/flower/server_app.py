@@ -35,7 +35,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from . import transport
-from .common import atomic_write_bytes, atomic_write_json, info, wait_for_nodes, warn
+from ...state import write_text
+from .common import write_json, info, wait_for_nodes, warn
 
 app = ServerApp()
 
@@ -170,7 +171,7 @@ def train(grid: Grid, context: Context) -> dict:
             progress = json.loads((run_dir / PROGRESS).read_text())
             info("resuming %s after round %d", run_dir, progress["round"])
     else:
-        atomic_write_bytes(run_dir / "config.toml", cfg_text.encode())
+        write_text(run_dir / "config.toml", cfg_text)
 
     nodes = wait_for_nodes(grid, int(rc.get("min-nodes", 1)), float(rc.get("node-wait-timeout", 120.0)))
     if not nodes:
@@ -219,7 +220,7 @@ def train(grid: Grid, context: Context) -> dict:
             losses = [server.train_step([inbox[c][k] for c in answered]) for k in range(K)] if answered else []
             server.save(run_dir / SERVER_STATE)
             progress = {"round": rnd, "rounds": rounds, "server-steps": server.steps}
-            atomic_write_json(run_dir / PROGRESS, progress)
+            write_json(run_dir / PROGRESS, progress)
             losses = [x for x in losses if x is not None]
             line = {"round": rnd, "clients": answered, "problems": problems,
                     "server_loss": sum(losses) / len(losses) if losses else None,
@@ -243,7 +244,7 @@ def train(grid: Grid, context: Context) -> dict:
         result["samples"] = {str(transport.unpack(c)[1]["client-id"]): transport.unpack(c)[1]
                              for c in ok.values()}
         info("sampling: %d/%d clients stored their images", len(ok), len(order))
-    atomic_write_json(run_dir / "flower-result.json", result)
+    write_json(run_dir / "flower-result.json", result)
     return result
 
 
