@@ -131,3 +131,21 @@ def test_split_inference_at_the_extremes_equals_single_model_sampling():
                       server_timesteps(0, T), g)
         torch.testing.assert_close(out, ref)
         assert out.shape == (3, *SHAPE) and out.min() >= -1 and out.max() <= 1
+
+
+def test_ema_warms_up_instead_of_clinging_to_the_initial_weights():
+    from collafuse.models import EMA
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.999)
+    start = [p.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # first decay is min(0.999, 1/10): 90% of the new weights
+    for avg, old in zip(ema.model.parameters(), start):
+        torch.testing.assert_close(avg, old + 0.9)
+    for _ in range(200):
+        ema.update(model)
+    for avg, new in zip(ema.model.parameters(), model.parameters()):
+        assert (avg - new).abs().max() < 0.05  # a fixed 0.999 would still be 0.82 away

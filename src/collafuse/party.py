@@ -57,7 +57,7 @@ class Party:
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
-            "ema": self.ema.model.state_dict() if self.ema else {},
+            "ema": self.ema.state_dict() if self.ema else {},
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "steps": self.steps,
@@ -66,7 +66,7 @@ class Party:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.ema:
-            self.ema.model.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.steps = state["steps"]
