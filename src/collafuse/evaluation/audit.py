@@ -30,7 +30,7 @@ from ..diffusion import add_noise, handover_view
 from ..messages import SampleRequest, decode, encode
 from ..models import predict_noise
 from ..protocols import PROTOCOLS, server_message
-from ..state import atomic_path, write_text
+from ..state import write_text
 from . import attacks
 from .accounting import DEFAULT_DELTA, explain, protocol_privacy
 
@@ -242,10 +242,7 @@ def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: P
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
     """Left: KID (hold-out) against attack PSNR, a point per cut ratio, a line per protocol.
     Right: attack PSNR against c for both protocols (counterfactual ones dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import plt, save_figure  # report chose the Agg backend
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for protocol in PROTOCOLS:
@@ -267,10 +264,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
     axes[1].set_ylabel("attack PSNR, dB (capped at 160)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_privacy_rows(path: str | Path) -> list[dict]:

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 import numpy as np
 
+from ..state import atomic_path, write_text
+
 FIGURES = {
     "kid": "fig3_kid.png",
     "disclosure": "fig3_disclosure.png",
@@ -39,9 +41,7 @@ def write_report(out: str | Path) -> Path:
         plot_costs(rows, out / FIGURES["costs"])
         plot_trajectories(out, sorted({r["cut_ratio"] for r in rows}), out / FIGURES["trajectory"])
     path = out / REPORT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(rows, out))
-    tmp.replace(path)
+    write_text(path, render(rows, out))
     return path
 
 
@@ -92,7 +92,7 @@ def plot_kid(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("cut ratio c (client's share of steps)")
     axes[0].set_ylabel("KID (stacked over clients, lower is better)")
     axes[1].legend(title="client")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_disclosure(rows: list[dict], path: Path) -> None:
@@ -110,7 +110,7 @@ def plot_disclosure(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("cut ratio c")
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_costs(rows: list[dict], path: Path) -> None:
@@ -125,7 +125,7 @@ def plot_costs(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("cut ratio c")
         ax.set_title(label)
     axes[0].legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _party_cost(rows: list[dict], party: str, key: str) -> np.ndarray:
@@ -156,15 +156,15 @@ def plot_trajectories(out: Path, cs: list[float], path: Path) -> None:
             ax.set_title(f"{step} left ({owner})" if col else "noise", fontsize=7)
         axes[row][0].text(-0.15, 0.5, f"c={c:g}", transform=axes[row][0].transAxes,
                           ha="right", va="center")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG atomically, and free the figure."""
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- the report

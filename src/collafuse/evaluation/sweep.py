@@ -21,8 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from ..data import to_uint8
 from ..diffusion import denoise
 from ..engines.local import load_run, run_training
 from ..metering import SERVER, client_party, totals
+from ..state import save_npz, write_text
 from .costs import CostMeter
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse
 from .kid import cached_features, kid
@@ -71,7 +70,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.toml", cfg.to_toml())
+    write_text(out / "config.toml", cfg.to_toml())
     rows: list[dict] = []
     for i, c in enumerate(cfg.sweep.cut_ratios):
         if max_cut_ratios is not None and i >= max_cut_ratios:
@@ -163,7 +162,7 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "energy_is_estimate": estimate,
         })
     _save_trajectory(run, run_dir / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
-    _write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
+    write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
     return rows
 
 
@@ -238,28 +237,18 @@ def trajectory(run, client_id: str, num_steps: int, seed: int) -> tuple[list[int
 def _save_trajectory(run, path: Path, num_steps: int, seed: int) -> None:
     first = next(iter(run.clients))
     steps, images = trajectory(run, first, num_steps, seed)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, steps=np.array(steps), images=images, cut=run.server.cut,
-                        client=first)
-    tmp.replace(path)
+    save_npz(path, steps=np.array(steps), images=images, cut=run.server.cut, client=first)
 
 
 def write_results(out: Path, rows: list[dict]) -> None:
     """results.json and results.csv, each written to a temp file and renamed."""
-    _write_text(out / f"{RESULTS}.json", json.dumps(rows, indent=2))
+    write_text(out / f"{RESULTS}.json", json.dumps(rows, indent=2))
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _write_text(out / f"{RESULTS}.csv", buffer.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(out / f"{RESULTS}.csv", buffer.getvalue())
 
 
 def _say(progress: bool, line: str) -> None:
