@@ -111,7 +111,6 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
     run = load_run(run_dir)
     training = json.loads((run_dir / "summary.json").read_text())["costs"]
     server_train = totals(training, SERVER, TRAINING_PHASES)
-    estimate = CostMeter(energy=ev.energy).energy_is_estimate
     holdout = _features(_subset(run.holdout.images, ev.max_real_images, cfg.run.seed), cache,
                         progress)
     rows = []
@@ -159,7 +158,7 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "client_sampling_energy_kwh": client_sample["energy_kwh"],
             "server_sampling_energy_kwh": server_sample["energy_kwh"],
             "sampling_bytes": server_sample["bytes_sent"],
-            "energy_is_estimate": estimate,
+            "energy_is_estimate": meter.energy_is_estimate,
         })
     _save_trajectory(run, run_dir / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
     write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
