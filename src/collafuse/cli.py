@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="collafuse", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="collafuse", description="CollaFuse: split diffusion training and inference across "
+        "clients and a shared server, its evaluation, privacy audit and data tools.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train and sample one cut ratio")
