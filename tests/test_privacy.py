@@ -10,7 +10,7 @@ from conftest import DEFAULT_DATA
 
 from collafuse.data import to_model
 from collafuse.diffusion import add_noise, handover_view, make_scheduler
-from collafuse.evaluation import accounting, attacks
+from collafuse.privacy import accounting, attacks
 from collafuse.messages import decode, encode
 from collafuse.models import make_unet, predict_noise
 from collafuse.protocols import server_message
@@ -169,7 +169,7 @@ def test_view_accounting_per_cut():
 def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     from collafuse.cli import main
     from collafuse.engines.local import run_training
-    from collafuse.evaluation.audit import load_privacy_rows
+    from collafuse.privacy.audit import load_privacy_rows
 
     run_training(tiny_config(**{"train.protocol": '"noisy-data"'}), tmp_path / "c=0.5",
                  progress=False)
@@ -187,7 +187,7 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     assert (tmp_path / "privacy.csv").read_text().startswith("run,cut_ratio")
     assert main(["audit", str(tmp_path / "nothing")]) == 2
 
-    from collafuse.evaluation.audit import TRADEOFF_FIGURE, tradeoff_markdown
+    from collafuse.privacy.audit import TRADEOFF_FIGURE, tradeoff_markdown
     results = [{"protocol": "noisy-data", "cut_ratio": 0.5, "client": c, "kid_train": 0.1,
                 "kid_holdout": 0.2} for c in ("DU", "HT")]
     table = tradeoff_markdown(rows, results, tmp_path)

@@ -10,7 +10,8 @@ from collafuse.config import load_config
 from collafuse.engines.local import run_training
 from collafuse.evaluation.costs import CostMeter
 from collafuse.evaluation.report import FIGURES, REPORT, findings
-from collafuse.evaluation.sweep import cut_config, cut_dir, run_sweep
+from collafuse.evaluation.layout import cut_dir
+from collafuse.evaluation.sweep import cut_config, run_sweep
 from collafuse.metering import SERVER, client_party, totals
 
 from conftest import tiny_overrides

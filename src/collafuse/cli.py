@@ -104,7 +104,7 @@ def _sample(args) -> None:
 
 
 def _audit(args) -> None:
-    from .evaluation.audit import audit
+    from .privacy.audit import audit
 
     if args.num_images < 1:
         raise ValueError(f"--num-images: expected an integer >= 1, got {args.num_images}")

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen 
 import numpy as np
 
 from ..state import atomic_path, write_text
+from .layout import TRAJECTORY, cut_dir
 
 FIGURES = {
     "kid": "fig3_kid.png",
@@ -136,8 +137,6 @@ def _party_cost(rows: list[dict], party: str, key: str) -> np.ndarray:
 
 def plot_trajectories(out: Path, cs: list[float], path: Path) -> None:
     """The paper's Figure 2: one sample denoised, a row per c (same starting noise)."""
-    from .sweep import TRAJECTORY, cut_dir
-
     found = [(c, np.load(cut_dir(out, c) / TRAJECTORY)) for c in cs
              if (cut_dir(out, c) / TRAJECTORY).is_file()]
     if not found:

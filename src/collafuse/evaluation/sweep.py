@@ -36,17 +36,12 @@ from ..state import save_npz, write_text
 from .costs import CostMeter
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse
 from .kid import cached_features, kid
+from .layout import EVALUATION, RESULTS, TRAJECTORY, cut_dir
+from .report import write_report
 
-RESULTS = "results"
-EVALUATION = "evaluation.json"
-TRAJECTORY = "trajectory.npz"
 TRAINING_PHASES = ("diffusion", "training")
 # Generated images per sampling call: bounds memory at 128x128 without changing the method.
 SAMPLE_CHUNK = 250
-
-
-def cut_dir(out: Path, cut_ratio: float) -> Path:
-    return Path(out) / f"c={cut_ratio:g}"
 
 
 def cut_config(cfg: Config, cut_ratio: float) -> Config:
@@ -79,8 +74,6 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
         train_cut(cfg, c, run_dir, progress)
         rows += evaluate_cut(cfg, run_dir, out / "cache", progress)
     write_results(out, rows)
-    from .report import write_report
-
     write_report(out)
     return rows
 

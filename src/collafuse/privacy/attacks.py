@@ -22,7 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..diffusion import add_noise, handover_view, renoise_coefficients
-from .disclosure import nearest_neighbour_mse, psnr, ssim
+from ..evaluation.disclosure import nearest_neighbour_mse, psnr, ssim
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

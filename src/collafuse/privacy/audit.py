@@ -4,8 +4,8 @@ For each run folder (or each run of a sweep folder) the audit rebuilds the parti
 config.toml + checkpoint.pt, replays what the server received from every client (messages
 built by :func:`collafuse.protocols.server_message` exactly as ``Client._train_batch`` builds
 them, then encoded and decoded as they travel), runs the attacks of
-:mod:`collafuse.evaluation.attacks` and the accounting of
-:mod:`collafuse.evaluation.accounting`, and writes privacy.csv, privacy.json and privacy.md.
+:mod:`collafuse.privacy.attacks` and the accounting of
+:mod:`collafuse.privacy.accounting`, and writes privacy.csv, privacy.json and privacy.md.
 
 Each row is one (run, client, protocol). ``protocol`` is the protocol whose messages were
 attacked; ``run_protocol`` the one the run trained with. Rows with protocol != run_protocol
@@ -185,7 +185,7 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
         markdown += "\n" + tradeoff_markdown(rows, json.loads(results.read_text()), out)
     write_text(out / "privacy.md", markdown)
     if results.is_file() and out == Path(path):
-        from .report import write_report
+        from ..evaluation.report import write_report
 
         write_report(out)  # its privacy hook includes privacy.md
     return rows
@@ -242,7 +242,7 @@ def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: P
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
     """Left: KID (hold-out) against attack PSNR, a point per cut ratio, a line per protocol.
     Right: attack PSNR against c for both protocols (counterfactual ones dashed)."""
-    from .report import plt, save_figure  # report chose the Agg backend
+    from ..evaluation.report import plt, save_figure  # report chose the Agg backend
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for protocol in PROTOCOLS:
