@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -62,9 +63,9 @@ def bytes_per_round(config: Path, overrides: list[str], rounds: int) -> list[dic
     rows = []
     for protocol in PROTOCOLS:
         cfg = load_config(config, [*overrides, f"train.protocol='{protocol}'"])
-        parts, _ = load_client_data(cfg)
+        parts = load_client_data(cfg).clients
         cid = next(iter(parts))
-        client = make_client(cfg, cid, parts[cid])
+        client = make_client(cfg, cid, parts[cid], secret=os.urandom(32))
         k = cfg.train.batches_per_round
         request = transport.pack([], {"config-toml": cfg.to_toml(), "round": 1, "batches": k})
         payload, wire, images = [], [], []
@@ -98,7 +99,7 @@ def time_in_process(cfg, rounds: int) -> list[float]:
 
 def time_deployment(config: Path, cfg, rounds: int, work: Path) -> tuple[list[float], float]:
     h = _harness()
-    parts, _ = load_client_data(cfg)
+    parts = load_client_data(cfg).clients
     run_dir = work / "run"
     with h.Deployment(work / "dep", ROOT) as dep:
         dep.start_superlink()

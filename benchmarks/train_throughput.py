@@ -68,7 +68,7 @@ def main() -> None:
     cfg = load_config("configs/quickstart.toml", [
         "diffusion.cut_ratio=0.5", f"model.preset={args.preset}",
         f"train.batch_size={args.batch_size}", "train.ema_decay=0.0"])
-    clients, _ = load_client_data(cfg)
+    clients = load_client_data(cfg).clients
     union = torch.cat([to_model(c.images) for c in clients.values()])
     plain = plain_loop(union, args.preset, args.batch_size, cfg.diffusion.num_timesteps)
     split = collafuse_rounds(cfg)

@@ -7,12 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
+from collafuse.config import ConfigError, load_config
 from collafuse.data import (
     DataError,
+    DataWarning,
     ImageSet,
+    image_folder,
+    image_sizes,
     load_images,
     normalise_intensity,
     partition,
+    patient_ids,
     save_grid,
     save_images,
     split_holdout,
@@ -90,6 +95,79 @@ def test_image_folder_odd_sizes(tmp_path):
     assert load_images(tmp_path, image_size=50, channels=3).images.shape == (3, 50, 50, 3)
     with pytest.raises(DataError, match="different sizes"):
         load_images(tmp_path)
+
+
+def write_tree(root: Path, layout: dict[str, int], seed: int = 0) -> list[Path]:
+    """{relative folder: number of images}: small grayscale JPEGs of random sizes 12-40 px."""
+    rng = np.random.default_rng(seed)
+    written = []
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = rng.integers(12, 41, 2)
+            f = root / folder / f"img{i}.jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(f)
+            written.append(f)
+    return written
+
+
+def test_folder_layouts_auto(tmp_path):
+    write_tree(tmp_path / "cls", {"glioma": 3, "meningioma": 2})
+    write_tree(tmp_path / "both", {"A/glioma": 2, "A/tumor-free": 1, "B/glioma": 1, "B/extra/deep": 1})
+    write_tree(tmp_path / "flat", {".": 2, "glioma": 1})
+    cls = load_images(tmp_path / "cls", image_size=8)
+    assert cls.meta["label"].tolist() == ["glioma"] * 3 + ["meningioma"] * 2
+    assert set(cls.meta) == {"file", "label"}  # no site, no patient: nothing invented
+    both = load_images(tmp_path / "both", image_size=8)
+    assert both.meta["site"].tolist() == ["A", "A", "A", "B", "B"]
+    assert both.meta["label"].tolist() == ["glioma", "glioma", "tumor-free", "extra", "glioma"]
+    assert set(load_images(tmp_path / "flat", image_size=8).meta) == {"file"}
+    assert image_folder(tmp_path / "both").layout.name == "site/class"
+    assert image_folder(tmp_path / "cls").layout.name == "class"
+    assert image_folder(tmp_path / "flat").layout.name == "flat"
+    assert image_folder(BUNDLED) is None  # not a folder
+
+
+def test_folder_layouts_given(tmp_path):
+    write_tree(tmp_path, {"A/001": 2, "B/001": 1, "B/002": 1})
+    sites = load_images(tmp_path, image_size=8, layout="site")
+    assert sites.meta["site"].tolist() == ["A", "A", "B", "B"] and "label" not in sites.meta
+    patients = load_images(tmp_path, image_size=8, layout="site/patient")
+    assert patients.meta["patient"].tolist() == ["A/001", "A/001", "B/001", "B/002"]  # sites kept apart
+    assert load_images(tmp_path, image_size=8, layout="skip/class").meta["label"].tolist()[2:] == ["001", "002"]
+    assert set(load_images(tmp_path, image_size=8, layout="flat").meta) == {"file"}
+    with pytest.raises(DataError, match=r"expects every image at least 3 folder\(s\)"):
+        load_images(tmp_path, image_size=8, layout="site/class/patient")
+    for bad in ("hospital", "site/site", "site//class", ""):
+        with pytest.raises(DataError, match="expected 'auto', 'flat' or one word per folder level"):
+            load_images(tmp_path, image_size=8, layout=bad)
+    with pytest.raises(DataError, match="applies to folders of images only"):
+        load_images(BUNDLED, layout="site")
+
+
+def test_folder_skips_hidden_files_and_reports_mixed_sizes(tmp_path):
+    files = write_tree(tmp_path, {"glioma": 3})
+    (tmp_path / "glioma/._img0.jpg").write_bytes(b"mac resource fork, not a JPEG")
+    (tmp_path / "__MACOSX/glioma").mkdir(parents=True)
+    (tmp_path / "__MACOSX/glioma/img0.jpg").write_bytes(b"neither")
+    assert len(load_images(tmp_path, image_size=8)) == 3
+    assert [tuple(s) for s in image_sizes(files)] == [Image.open(f).size for f in files]
+    with pytest.raises(DataError, match=r"images have 3 different sizes \(width \d+-\d+, height \d+-\d+ px\)"):
+        load_images(tmp_path)
+
+
+def test_save_images_with_file_meta(tmp_path):
+    """An image folder's "file" meta used to collide with np.savez_compressed(file, ...)."""
+    write_tree(tmp_path / "src", {"A/glioma": 2, "B/meningioma": 2})
+    images = load_images(tmp_path / "src", image_size=16)
+    save_images(images, tmp_path / "out.npz")
+    back = load_images(tmp_path / "out.npz")
+    np.testing.assert_array_equal(back.images, images.images)
+    assert set(back.meta) == {"file", "site", "label"}
+    for key in images.meta:
+        np.testing.assert_array_equal(back.meta[key], images.meta[key])
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as npz:  # a plain npz for numpy too
+        assert sorted(npz.files) == ["file", "images", "label", "site"]
 
 
 def test_center_crop(tmp_path):
@@ -228,6 +306,58 @@ def test_iid_equal_and_dirichlet_skew(lgg):
 def test_partition_errors(lgg, by, clients, match):
     with pytest.raises(DataError, match=match):
         partition(lgg, by, clients, seed=0)
+
+
+def _no_patients(n: int = 20) -> ImageSet:
+    """An image folder's data: site and label from the layout, no patient ids."""
+    return ImageSet(
+        np.arange(n, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2),
+        {"site": np.array(["A", "B"] * (n // 2)), "label": np.array(["x"] * (n // 4) + ["y"] * (n - n // 4))},
+    )
+
+
+def test_holdout_without_patient_ids():
+    images = _no_patients()
+    with pytest.warns(DataWarning, match="no patient ids, so each image counts as its own patient"):
+        train, holdout = split_holdout(images, holdout_fraction=0.2, seed=0)
+    assert (len(train), len(holdout)) == (16, 4)
+    assert not set(train.images[:, 0, 0].tolist()) & set(holdout.images[:, 0, 0].tolist())
+    train, holdout = split_holdout(images, holdout_sites=["B"])  # by site: no patients needed
+    assert set(holdout.meta["site"].tolist()) == {"B"} and len(train) == 10
+    assert len(set(patient_ids(images).tolist())) == 20
+    train, holdout = split_holdout(images)  # no hold-out asked for: nothing held out
+    assert (len(train), len(holdout)) == (20, 0)
+    with pytest.raises(DataError, match="needs a site per image, but the data has fields \\['file'\\]"):
+        split_holdout(ImageSet(images.images, {"file": images.meta["label"]}), holdout_sites=["CS"])
+
+
+def test_partition_by_label_and_without_patients():
+    images = _no_patients()
+    by_name = partition(images, "label", ["y", "x"], seed=0)
+    assert list(by_name) == ["y", "x"] and (len(by_name["y"]), len(by_name["x"])) == (15, 5)
+    dealt = partition(images, "label", 2, seed=0)
+    assert sorted(len(c) for c in dealt.values()) == [5, 15]
+    assert all(len(set(c.meta["label"].tolist())) == 1 for c in dealt.values())  # whole labels
+    with pytest.raises(DataError, match="left client2 without images"):
+        partition(images, "label", 3, seed=0)
+    with pytest.raises(DataError, match="label 'z' has no images"):
+        partition(images, "label", ["z"], seed=0)
+    with pytest.warns(DataWarning, match="no patient ids"):
+        assert sum(len(c) for c in partition(images, "patient", 3, seed=0).values()) == 20
+    skewed = partition(ImageSet(images.images, {"label": images.meta["label"]}), "dirichlet", 2, seed=0, alpha=5)
+    assert sum(len(c) for c in skewed.values()) == 20  # skew over labels when there are no sites
+    with pytest.raises(DataError, match="partition: needs a site per image.*'site/class'"):
+        partition(ImageSet(images.images), "site", ["A"], seed=0)
+
+
+def test_config_layout_and_label_partition():
+    cfg = load_config(None, ["data.layout=site/class", "data.partition=label"])
+    assert (cfg.data.layout, cfg.data.partition) == ("site/class", "label")
+    assert load_config(None, []).data.layout == "auto"
+    with pytest.raises(ConfigError, match="data.layout: expected 'auto', 'flat' or folder levels"):
+        load_config(None, ["data.layout=hospital/class"])
+    with pytest.raises(ConfigError, match="data.partition: expected 'site', 'label'"):
+        load_config(None, ["data.partition=hospital"])
 
 
 # --- conversions ---------------------------------------------------------------------------------

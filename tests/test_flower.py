@@ -63,8 +63,8 @@ def server_and_replies(tmp_path_factory):
     for protocol in ("shared-noise", "noisy-data"):
         tmp = tmp_path_factory.mktemp(protocol)
         cfg = load_config(tiny_config(tmp, protocol=protocol))
-        parts, _ = load_client_data(cfg)
-        client = make_client(cfg, "DU", parts["DU"])
+        parts = load_client_data(cfg).clients
+        client = make_client(cfg, "DU", parts["DU"], secret=bytes(32))
         out[protocol] = [encode(m) for m in client.train_round(2)]
         if protocol == "shared-noise":
             server = make_server(cfg)

@@ -34,7 +34,7 @@ from collafuse.factory import load_client_data  # noqa: E402
 
 def _hospitals(tmp_path, cfg):
     """Each hospital's own images on its own disk, and its --node-config."""
-    parts, _ = load_client_data(cfg)
+    parts = load_client_data(cfg).clients
     node_cfg = {}
     for cid, part in parts.items():
         save_images(part, tmp_path / f"{cid}.npz")
@@ -81,7 +81,9 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
             with np.load(out / f"{cid}.npz") as z:
                 assert z["images"].shape[0] == 4 and z["images"].dtype == np.uint8
             assert result["samples"][cid]["num-images"] == 4
-        local = run_training(cfg, tmp_path / "local", progress=False)
+        # each node made its secret on its own disk; the in-process twin gets the same ones
+        secrets = {cid: (tmp_path / f"state-{cid}" / f"{cid}.key").read_bytes() for cid in node_cfg}
+        local = run_training(cfg, tmp_path / "local", progress=False, secrets=secrets)
         assert_same_models(local.server.model.state_dict(),
                            torch.load(run_dir / "server.pt", weights_only=True)["model"])
         for cid, client in local.clients.items():

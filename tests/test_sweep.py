@@ -46,6 +46,7 @@ def _sweep_config(**extra):
         "evaluation.max_real_images": 8,
         "evaluation.trajectory_steps": 4,
         "sample.num_samples": 2,
+        "data.client_holdout_fraction": 0.2,
         **extra,
     }
     return load_config(None, tiny_overrides(**values))
@@ -75,7 +76,10 @@ def test_sweep_end_to_end_resumes_where_it_stopped(tmp_path):
     assert json.loads((out / "results.json").read_text()) == rows
     assert len((out / "results.csv").read_text().splitlines()) == 5
     numeric = ["kid_train", "kid_holdout", "kid_train_std", "disclosure_mse",
-               "disclosure_nn_mse", "disclosure_kid", "client_flops", "server_flops",
+               "disclosure_kid", "disclosure_x0_nn_mse", "disclosure_x0_nn_mse_baseline",
+               "disclosure_memorisation_nearer_train",
+               "disclosure_memorisation_baseline_nearer_train",
+               "disclosure_memorisation_copy_fraction", "client_flops", "server_flops",
                "client_energy_kwh", "client_seconds", "client_bytes_sent"]
     for row in rows:
         assert row["protocol"] == "shared-noise"
@@ -86,12 +90,13 @@ def test_sweep_end_to_end_resumes_where_it_stopped(tmp_path):
     assert half["client_flop_share"] > 0 and half["client_bytes_sent"] < zero["client_bytes_sent"]
     report = (out / REPORT).read_text()
     assert "shared-noise" in report and "estimate" in report and "Privacy audit" in report
+    assert "copy the clients' images" in report
 
 
 def _synthetic_rows(kid, mse, energy):
     cs = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     return [dict(cut_ratio=c, cut_index=round(100 * c), num_timesteps=100, client=cid,
-                 kid_train=k, kid_holdout=k, disclosure_mse=m, disclosure_nn_mse=m,
+                 kid_train=k, kid_holdout=k, disclosure_mse=m,
                  client_energy_kwh=e, client_flops=e * 1e12)
             for c, k, m, e in zip(cs, kid, mse, energy) for cid in ("A", "B")]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from collafuse.config import ConfigError
-from collafuse.engines.local import load_run, run_training
+from collafuse.engines.local import SECRETS, load_run, run_training
 from collafuse.state import StateError, load_state
 
 RUN_FILES = ["config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json",
@@ -39,9 +39,12 @@ def test_loss_falls_and_run_folder_is_complete(tiny_config, tmp_path, protocol):
 
 def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.protocol": '"noisy-data"', "train.ema_decay": 0.9})
-    full = run_training(cfg, tmp_path / "full", progress=False)
     run_training(cfg, tmp_path / "cut", stop_after_round=3, progress=False)
     assert not (tmp_path / "cut/summary.json").exists()
+    # the uninterrupted twin gets the same client secrets; the resumed run reads them from disk
+    secrets = {cid: (tmp_path / "cut" / SECRETS / f"{cid}.key").read_bytes()
+               for cid in ("DU", "HT")}
+    full = run_training(cfg, tmp_path / "full", progress=False, secrets=secrets)
     resumed = run_training(cfg, tmp_path / "cut", resume=True, progress=False)
     a, b = full.state_dict(), resumed.state_dict()
     for party_a, party_b in [(a["server"], b["server"])] + [
@@ -55,6 +58,22 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
         (tmp_path / "cut/metrics.jsonl").read_text()
     assert np.array_equal(np.load(tmp_path / "full/samples/DU.npz")["images"],
                           np.load(tmp_path / "cut/samples/DU.npz")["images"])
+
+
+def test_client_secrets_are_random_private_files_never_in_what_is_shared(tiny_config, tmp_path):
+    """Same config and seed, two runs: different secrets, so different noisy-data views; each
+    secret sits in its own owner-only file, in neither the config nor the checkpoint."""
+    cfg = tiny_config(**{"train.protocol": '"noisy-data"', "train.steps": 1})
+    runs = [run_training(cfg, tmp_path / name, progress=False) for name in ("a", "b")]
+    assert not torch.equal(runs[0].clients["DU"].views, runs[1].clients["DU"].views)
+    for name in ("a", "b"):
+        key = tmp_path / name / SECRETS / "DU.key"
+        secret = key.read_bytes()
+        assert len(secret) == 32 and key.stat().st_mode & 0o777 == 0o600
+        for shared in ("config.toml", "checkpoint.pt", "summary.json"):
+            assert secret not in (tmp_path / name / shared).read_bytes()
+    again = load_run(tmp_path / "a")  # the audit and the sweep rebuild the same views
+    assert torch.equal(again.clients["DU"].views, runs[0].clients["DU"].views)
 
 
 @pytest.mark.parametrize("cut_ratio, server_steps", [(0.0, 6), (1.0, 0)])

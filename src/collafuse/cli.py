@@ -3,28 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 from .config import load_config
 
+# Bad input, reported as "collafuse: error: <one line>" with exit status 2: our own errors
+# (ConfigError, DataError, StateError, MessageError, ...) are ValueErrors; files that cannot be
+# read raise OSError, EOFError or zipfile.BadZipFile.
+INPUT_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+PREVIEW_SIZE = 64  # data inspect: the side mixed-size images are resized to without --size
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. No input ends in a traceback: bad input is one line on stderr and exit
+    status 2 (argparse's usage errors too); anything else is a bug, reported in one line with
+    exit status 1 (set COLLAFUSE_TRACEBACK=1 to see the traceback)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept: continue with --resume "
               "(a sweep: run the same command again)", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:  # our errors are one-line ValueErrors
-        print(f"collafuse: error: {err}", file=sys.stderr)
+    except INPUT_ERRORS as err:
+        print(f"collafuse: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not bad input: still one line, the traceback on request
+        if os.environ.get("COLLAFUSE_TRACEBACK"):
+            raise
+        print(f"collafuse: internal error: {type(err).__name__}: {_one_line(err)} "
+              "(set COLLAFUSE_TRACEBACK=1 to see where)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = previous
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def _one_line_warnings(previous):
+    """Our DataWarnings as "collafuse: warning: <one line>"; other warnings as before."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from .data import DataWarning
+
+        if issubclass(category, DataWarning):
+            print(f"collafuse: warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="collafuse", description="CollaFuse: split diffusion training and inference across "
         "clients and a shared server, its evaluation, privacy audit and data tools.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -66,16 +113,32 @@ def _parser() -> argparse.ArgumentParser:
                                        "write one npz")
     prepare.add_argument("source", type=Path, help="npz, image folder, NIfTI, DICOM or LGG folder")
     prepare.add_argument("output", type=Path, help="the .npz to write")
-    prepare.add_argument("--size", type=int, default=32)
+    prepare.add_argument("--size", type=int, default=32, help="square side in pixels (center crop, "
+                         "then resize)")
     prepare.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    _add_layout(prepare)
     prepare.set_defaults(func=_data_prepare)
-    inspect = data_commands.add_parser("inspect", help="counts per site and patient, a preview")
+    inspect = data_commands.add_parser("inspect", help="what was found: sizes, layout, counts per "
+                                       "site, class and patient; a preview")
     inspect.add_argument("source", type=Path)
-    inspect.add_argument("--config", type=Path, help="also show the config's partition")
+    inspect.add_argument("--size", type=int, help="resize to this square side for the statistics "
+                         f"and the preview (default: the images' own size; {PREVIEW_SIZE} when "
+                         "they differ)")
+    inspect.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    _add_layout(inspect)
+    inspect.add_argument("--config", type=Path, help="also show how the config partitions SOURCE")
     _add_overrides(inspect)
     inspect.add_argument("--preview", type=Path, help="write a PNG grid of 64 images here")
     inspect.set_defaults(func=_data_inspect)
     return parser
+
+
+def _add_layout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layout", help="how an image folder's levels are read: auto (default: images directly "
+        "in SOURCE -> flat, one folder deep -> class, two or more -> site/class), flat, or one "
+        "word per level from site, class, patient, skip joined by '/', e.g. site, site/class, "
+        "skip/class, site/patient")
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -123,39 +186,72 @@ def _sweep(args) -> None:
 
 
 def _data_prepare(args) -> None:
-    from .data import load_images, save_images
+    from .data import image_folder, load_images, save_images
 
-    images = load_images(args.source, image_size=args.size, channels=args.channels)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.output.suffix != ".npz":
+        raise ValueError(f"{args.output}: expected a .npz file name")
+    layout = args.layout or "auto"
+    folder = image_folder(args.source, layout)
+    images = load_images(args.source, image_size=args.size, channels=args.channels, layout=layout)
     save_images(images, args.output)
     print(f"wrote {args.output}: {len(images)} images of {args.size}x{args.size}, "
           f"meta fields {sorted(images.meta)}")
+    if folder is not None:
+        print(f"  layout {folder.layout.name} ({folder.layout.reason})")
+    if "patient" not in images.meta:
+        print("  no patient ids: each image counts as its own patient")
 
 
 def _data_inspect(args) -> None:
     import numpy as np
 
-    from .data import load_images, save_grid
+    from .data import image_folder, image_sizes, load_images, save_grid
 
-    images = load_images(args.source)
-    print(f"{args.source}: {len(images)} images, shape {images.images.shape[1:]}, "
+    layout = args.layout or "auto"
+    folder = image_folder(args.source, layout)
+    size = args.size
+    if folder is not None:
+        print(f"{args.source}: folder of {len(folder.files)} images, layout {folder.layout.name} "
+              f"({folder.layout.reason})")
+        sizes = set(image_sizes(folder.files))
+        widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+        if len(sizes) > 1:
+            size = size or PREVIEW_SIZE
+            print(f"  sizes: {len(sizes)} different, width {min(widths)}-{max(widths)} px, height "
+                  f"{min(heights)}-{max(heights)} px")
+        else:
+            print(f"  size: {widths[0]}x{heights[0]} px (width x height)")
+    images = load_images(args.source, image_size=size, channels=args.channels, layout=layout)
+    resized = f", center-cropped and resized to {size}x{size}" if size else ""
+    print(f"{args.source}: {len(images)} images, shape {images.images.shape[1:]}{resized}, "
           f"mean intensity {images.images.mean():.1f}/255")
-    for name in ("site", "patient"):
+    for name in ("site", "label", "patient"):
         if name in images.meta:
             values, counts = np.unique(images.meta[name], return_counts=True)
             shown = ", ".join(f"{v} {c}" for v, c in zip(values[:12], counts[:12]))
             print(f"  {name}: {len(values)} distinct ({shown}{', ...' if len(values) > 12 else ''})")
+        elif name == "site":
+            print("  site: none (partition by site and data.holdout_sites need one)")
+        elif name == "patient":
+            print("  patient: none; each image counts as its own patient (hold-out and partition "
+                  "by patient then split single images)")
     if args.config:
         from .factory import load_client_data
 
-        cfg = load_config(args.config, args.overrides)
-        clients, holdout = load_client_data(cfg)
-        for cid, part in clients.items():
+        overrides = [f"data.path={_toml_string(args.source)}", *args.overrides]
+        if args.layout:
+            overrides.append(f"data.layout={_toml_string(args.layout)}")
+        data = load_client_data(load_config(args.config, overrides))
+        for cid, part in data.clients.items():
             print(f"  client {cid}: {len(part)} images")
-        print(f"  hold-out: {len(holdout)} images")
+        print(f"  hold-out: {len(data.holdout)} images")
     if args.preview:
         save_grid(images.images[:64], args.preview, nrow=8)
         print(f"preview: {args.preview}")
+
+
+def _toml_string(value) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 if __name__ == "__main__":

@@ -4,34 +4,48 @@ It talks to the server only through messages (:mod:`collafuse.messages`): per ba
 diffuses its images (the paper's Figure 1, step 2), keeps the samples of its own timesteps
 and trains on them (steps 5/6), and returns the server-owned part as a message (step 3).
 For sampling it asks for partial samples and finishes them over t = s-1 .. 0.
+
+Its one secret (``secret``: random bytes of its own, never sent, never derived from the config
+or the run seed; DESIGN.md section 5) seeds the noise of the noisy-data views. The engine keeps
+it on the client's side: a client-private file in the run folder in-process, the node's disk
+under Flower.
 """
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 
-from .diffusion import add_noise, client_timesteps, denoise, handover_view, server_owns
+from .diffusion import StepHook, add_noise, client_timesteps, denoise, handover_view, server_owns
 from .messages import Message, PartialSamples, SampleRequest, check_images
 from .metering import client_party
 from .party import Party
 from .protocols import local_loss, server_message
 
+SECRET_BYTES = 32  # os.urandom bytes of a client's secret
+
 
 class Client(Party):
     def __init__(self, client_id: str, images: torch.Tensor, model: torch.nn.Module,
                  scheduler, cut: int, protocol: str, batch_size: int, lr: float,
-                 seed: int, ema_decay: float | None = None, meter=None):
-        """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere."""
+                 seed: int, secret: bytes, ema_decay: float | None = None, meter=None):
+        """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere.
+        ``seed`` makes the public draws reproducible (batch order, t, training noise); ``secret``
+        (at least 16 random bytes) makes what the server must not know."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
                              f"got shape {tuple(images.shape)}")
         if batch_size < 1:
             raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
+        if not isinstance(secret, bytes) or len(secret) < 16:
+            raise ValueError(f"client {client_id}: the secret must be at least 16 random bytes")
         super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter)
         self.client_id = client_id
         self.images = images
         self.batch_size = min(batch_size, len(images))
-        self.views = self._make_views(seed) if self.protocol == "noisy-data" else None
+        self.views = self._make_views(secret) if self.protocol == "noisy-data" else None
         self.order = torch.randperm(len(images), generator=self.generator)
         self.position = 0
 
@@ -39,12 +53,17 @@ class Client(Party):
     def name(self) -> str:
         return client_party(self.client_id)
 
-    def _make_views(self, seed: int) -> torch.Tensor:
-        # One view per image, its noise xi drawn once from the run's seed and kept: a fresh xi
-        # every epoch would let the server average an image's views and strip the noise
-        # (DESIGN.md section 3). Drawn from its own generator so it survives a restart.
-        xi = torch.randn(self.images.shape, generator=torch.Generator().manual_seed(seed + 1))
-        return handover_view(self.scheduler, self.images, xi, self.cut)
+    def _make_views(self, secret: bytes) -> torch.Tensor:
+        """One view per image, its noise xi drawn once from the client's secret and kept.
+
+        A fresh xi every epoch would let the server average an image's views and strip the
+        noise; an xi the server can regenerate gives it x0 = (y - b xi) / a exactly (DESIGN.md
+        section 3). So xi comes from the secret alone, through numpy's PCG64 seeded with all
+        256 bits of it (a torch generator would keep only 32 bits: a search the server could
+        afford). The same secret gives the same views after a restart.
+        """
+        return handover_view(self.scheduler, self.images, view_noise(secret, self.images.shape),
+                             self.cut)
 
     def _next_indices(self) -> torch.Tensor:
         """The next batch of an epoch-wise shuffle; a new permutation when an epoch ends."""
@@ -86,15 +105,20 @@ class Client(Party):
         return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed)
 
     @torch.no_grad()
-    def finish_samples(self, partial: PartialSamples, seed: int = 0) -> torch.Tensor:
-        """Run the client's steps t = s-1 .. 0 on the server's hand-over; images in [-1, 1]."""
+    def finish_samples(self, partial: PartialSamples, seed: int = 0,
+                       on_step: StepHook | None = None) -> torch.Tensor:
+        """Run the client's steps t = s-1 .. 0 on the server's hand-over; images in [-1, 1].
+
+        The step noises come from the client's own stream for ``seed``, never the server's: a
+        replay of the server's draws would correlate the two halves of the chain.
+        """
         if partial.cut != self.cut:
             raise ValueError(f"partial samples made for cut index {partial.cut}, "
                              f"client {self.client_id} uses {self.cut}")
         x = check_images(partial, "x", tuple(self.images.shape[1:]))
         with self.meter.measure(self.name, "sampling"):
             return denoise(self._sampling_eps, self.scheduler, x, client_timesteps(self.cut),
-                           torch.Generator().manual_seed(seed))
+                           self.stream("sample", seed), on_step)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "order": self.order, "position": self.position}
@@ -103,3 +127,10 @@ class Client(Party):
         super().load_state_dict(state)
         self.order = state["order"]
         self.position = state["position"]
+
+
+def view_noise(secret: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise of ``shape`` determined by the whole secret (and nothing else)."""
+    seed = int.from_bytes(hashlib.sha256(b"collafuse view noise" + secret).digest(), "big")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))

@@ -27,15 +27,22 @@ class RunConfig:
 @dataclass
 class DataConfig:
     path: str = "data/lgg_flair_32.npz"  # npz, image folder, NIfTI file, DICOM or LGG folder
+    # how an image folder's levels below data.path are read: "auto" (images in the folder itself
+    # -> "flat", one folder deep -> "class", two or more -> "site/class"), "flat", or one word per
+    # level joined by "/" from site, class, patient, skip; see collafuse/data/loaders.py
+    layout: str = "auto"
     image_size: int = 32  # images are cropped to a square and resized to this
     channels: int = 1  # 1 grayscale, 3 RGB
     intensity: str = "none"  # or "percentile" (per-slice 99.5th -> 255); see data/transforms.py
-    partition: str = "site"  # "site", "patient", "iid" or "dirichlet"
+    partition: str = "site"  # "site", "label" (an image folder's class), "patient", "iid" or "dirichlet"
     clients: list[str] = field(default_factory=lambda: ["DU", "HT", "FG"])  # sites, by="site"
     num_clients: int = 3  # for partition "patient", "iid" and "dirichlet"
     dirichlet_alpha: float = 0.5  # skew of the "dirichlet" partition (small = more skewed)
     holdout_sites: list[str] = field(default_factory=lambda: ["CS", "EZ"])  # whole hospitals
     holdout_fraction: float = 0.0  # or a seeded fraction of patients, when no sites are given
+    # a seeded fraction of each client's own patients kept out of its training: non-members from
+    # the same hospital, for the copy-sensitive disclosure and membership checks (0 = none)
+    client_holdout_fraction: float = 0.0
     max_images_per_client: int = 0  # 0 = all; a cap for quick runs
 
 
@@ -177,7 +184,14 @@ def _check_values(cfg: Config, source: str) -> None:
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)"),
         (cfg.train.protocol in ("shared-noise", "noisy-data"), "train.protocol",
          "'shared-noise' or 'noisy-data'"),
+        (0.0 <= cfg.data.client_holdout_fraction < 1.0, "data.client_holdout_fraction",
+         "a number in [0, 1)"),
         (cfg.data.channels in (1, 3), "data.channels", "1 or 3"),
+        (cfg.data.layout in ("auto", "flat") or all(
+            w in ("site", "class", "label", "patient", "skip") for w in cfg.data.layout.split("/")),
+         "data.layout", "'auto', 'flat' or folder levels such as 'site/class' (site, class, patient, skip)"),
+        (cfg.data.partition in ("site", "label", "patient", "iid", "dirichlet"), "data.partition",
+         "'site', 'label', 'patient', 'iid' or 'dirichlet'"),
         (cfg.data.image_size >= 8, "data.image_size", "an integer >= 8"),
         (cfg.sample.num_samples >= 1, "sample.num_samples", "an integer >= 1"),
         (cfg.evaluation.num_samples >= 2, "evaluation.num_samples", "an integer >= 2"),

@@ -94,16 +94,25 @@ def renoise_coefficients(scheduler: DDPMScheduler, t: torch.Tensor,
     return ratio.sqrt(), (1.0 - ratio).sqrt(), (1.0 - abar).sqrt()
 
 
+StepHook = Callable[[int, torch.Tensor], None]
+
+
 def denoise(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
-            timesteps: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+            timesteps: Sequence[int], generator: torch.Generator | None = None,
+            on_step: StepHook | None = None) -> torch.Tensor:
     """Run the ancestral DDPM sampler over exactly the given (descending) timesteps.
 
     Starting from x = x_{timesteps[0]} it returns x_{timesteps[-1] - 1} (the clean image when the
     last step is t = 0). An empty range returns x unchanged, so the server with s = T hands over
-    pure noise and a client with s = 0 has nothing to do. ``model(x, t)`` predicts eps.
+    pure noise and a client with s = 0 has nothing to do. ``model(x, t)`` predicts eps; the step
+    noises come from ``generator``, which must be the running party's own (DESIGN.md section 2:
+    a stream shared between the two halves would correlate them). ``on_step(t, x)`` sees x after
+    the step at t (x_{t-1}), for recording a trajectory.
     """
     for t in timesteps:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps_hat = model(x, t_batch)
         x = scheduler.step(eps_hat, t, x, generator=generator).prev_sample
+        if on_step is not None:
+            on_step(t, x)
     return x

@@ -7,16 +7,20 @@ seed give the same models whatever carries the messages.
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .client import Client
+from .client import SECRET_BYTES, Client
 from .config import Config
 from .data import ImageSet, load_images, normalise_intensity, partition, split_holdout, to_model
 from .diffusion import cut_index, make_scheduler
 from .models import make_unet
 from .server import Server
+from .state import load_or_create_secret
 
 
 def party_seed(cfg: Config, party: str) -> int:
@@ -24,20 +28,35 @@ def party_seed(cfg: Config, party: str) -> int:
     return (cfg.run.seed * 1_000_003 + zlib.crc32(party.encode())) % 2**31
 
 
-def load_client_data(cfg: Config) -> tuple[dict[str, ImageSet], ImageSet]:
-    """The clients' training sets and the hold-out set of whole patients nobody trains on."""
+@dataclass
+class RunData:
+    """What a run trains and evaluates on: each client's training images, the hold-out set of
+    whole patients nobody trains on (other hospitals, by default), and each client's own
+    held-out patients (same hospital; empty unless data.client_holdout_fraction > 0)."""
+
+    clients: dict[str, ImageSet]
+    holdout: ImageSet
+    client_holdout: dict[str, ImageSet]
+
+
+def load_client_data(cfg: Config) -> RunData:
     d = cfg.data
-    images = load_images(d.path, image_size=d.image_size, channels=d.channels)
+    images = load_images(d.path, image_size=d.image_size, channels=d.channels, layout=d.layout)
     images.images = normalise_intensity(images.images, d.intensity)
     train, holdout = split_holdout(images, holdout_sites=d.holdout_sites or None,
                                    holdout_fraction=d.holdout_fraction, seed=cfg.run.seed)
-    clients = d.clients if d.partition == "site" else d.num_clients
+    clients = d.clients if d.partition in ("site", "label") else d.num_clients
     parts = partition(train, by=d.partition, clients=clients, seed=cfg.run.seed,
                       alpha=d.dirichlet_alpha)
+    own_holdout = {name: part.subset([]) for name, part in parts.items()}
+    if d.client_holdout_fraction:
+        for name, part in parts.items():
+            parts[name], own_holdout[name] = split_holdout(
+                part, holdout_fraction=d.client_holdout_fraction, seed=cfg.run.seed)
     if d.max_images_per_client:
         parts = {name: part.subset(range(min(len(part), d.max_images_per_client)))
                  for name, part in parts.items()}
-    return parts, holdout
+    return RunData(parts, holdout, own_holdout)
 
 
 def image_shape(cfg: Config) -> tuple[int, int, int]:
@@ -53,14 +72,22 @@ def make_server(cfg: Config) -> Server:
                   seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None)
 
 
-def make_client(cfg: Config, client_id: str, images: ImageSet) -> Client:
+def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
+    """A client's secret, kept in ``secrets_dir/<id>.key`` (made there on first use); with no
+    folder, a fresh one that lives as long as the process (nothing to resume)."""
+    if secrets_dir is None:
+        return os.urandom(SECRET_BYTES)
+    return load_or_create_secret(Path(secrets_dir) / f"{client_id}.key", SECRET_BYTES)
+
+
+def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes) -> Client:
     torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
     model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     return Client(client_id, to_model(images.images), model, scheduler,
                   cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
                   cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
-                  seed=party_seed(cfg, f"client:{client_id}"),
+                  seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
                   ema_decay=cfg.train.ema_decay or None)
 
 

@@ -6,6 +6,8 @@ computes bit for bit what an unmetered one does."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .metering import NullMeter
@@ -23,6 +25,7 @@ class Party:
         self.protocol = check_protocol(protocol)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.ema = EMA(model, ema_decay) if ema_decay else None
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.last_loss: float | None = None
@@ -37,6 +40,16 @@ class Party:
     @property
     def num_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
+
+    def stream(self, purpose: str, seed: int) -> torch.Generator:
+        """A generator of this party's own for one purpose and a (possibly public) seed.
+
+        Mixed with the party's own seed, so two parties given the same request seed draw
+        independent noise (DESIGN.md section 2); sha256 because torch keeps only 32 bits of a
+        seed and party seeds must not collide after that cut.
+        """
+        digest = hashlib.sha256(f"{self.seed}:{purpose}:{seed}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:4], "big"))
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return predict_noise(self.model, x_t, t)

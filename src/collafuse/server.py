@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion import denoise, server_timesteps
+from .diffusion import StepHook, denoise, server_timesteps
 from .messages import (Message, MessageError, NoisedBatch, NoisyViews, PartialSamples,
                        SampleRequest, TRAINING_KINDS, check_images)
 from .metering import SERVER
@@ -66,14 +66,20 @@ class Server(Party):
                                               self.cut, messages, self.generator))
 
     @torch.no_grad()
-    def generate(self, request: SampleRequest) -> PartialSamples:
-        """Denoise pure noise over t = T-1 .. s; the result is x_{s-1} (pure noise when s = T)."""
+    def generate(self, request: SampleRequest, on_step: StepHook | None = None) -> PartialSamples:
+        """Denoise pure noise over t = T-1 .. s; the result is x_{s-1} (pure noise when s = T).
+
+        x_T and the step noises come from the server's own stream for the request's seed.
+        ``on_step`` (see :func:`collafuse.diffusion.denoise`) first sees the pure noise, as t = T.
+        """
         if request.num_samples < 1:
             raise MessageError(f"{request.kind} from {request.client_id}: num_samples must be "
                                f">= 1, got {request.num_samples}")
         with self.meter.measure(self.name, "sampling"):
-            generator = torch.Generator().manual_seed(request.seed)
+            generator = self.stream("sample", request.seed)
             x = torch.randn((request.num_samples, *self.image_shape), generator=generator)
+            if on_step is not None:
+                on_step(self.num_timesteps, x)
             x = denoise(self._sampling_eps, self.scheduler, x,
-                        server_timesteps(self.cut, self.num_timesteps), generator)
+                        server_timesteps(self.cut, self.num_timesteps), generator, on_step)
         return PartialSamples(client_id=request.client_id, x=x, cut=self.cut)

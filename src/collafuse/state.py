@@ -49,6 +49,22 @@ def save_npz(path: str | Path, **arrays) -> None:
         np.savez_compressed(f, **arrays)
 
 
+def load_or_create_secret(path: str | Path, nbytes: int = 32) -> bytes:
+    """A party's secret: read from ``path``, or made from os.urandom on first use and written
+    there readable by its owner alone. Never derived from anything another party knows."""
+    path = Path(path)
+    if path.is_file():
+        secret = path.read_bytes()
+        if len(secret) != nbytes:
+            raise StateError(f"{path}: expected a {nbytes}-byte secret, found {len(secret)} bytes")
+        return secret
+    secret = os.urandom(nbytes)
+    with atomic_path(path) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_bytes(secret)
+    return secret
+
+
 def save_state(state: dict, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -4,17 +4,25 @@ Imports only numpy, PIL, nibabel, pydicom and torch (layer 3 of DESIGN.md).
 """
 
 from .imageset import DataError, ImageSet
-from .loaders import load_images
-from .partition import partition, split_holdout
+from .loaders import FolderLayout, ImageFolder, image_folder, image_sizes, load_images, parse_layout
+from .partition import PARTITIONS, DataWarning, partition, patient_ids, split_holdout
 from .saving import save_images
 from .transforms import normalise_intensity, save_grid, to_model, to_uint8
 
 __all__ = [
+    "PARTITIONS",
     "DataError",
+    "DataWarning",
+    "FolderLayout",
+    "ImageFolder",
     "ImageSet",
+    "image_folder",
+    "image_sizes",
     "load_images",
     "normalise_intensity",
+    "parse_layout",
     "partition",
+    "patient_ids",
     "save_grid",
     "save_images",
     "split_holdout",

@@ -1,9 +1,20 @@
-"""load_images: one entry point that dispatches on what the path is (npz, NIfTI, LGG, DICOM, images)."""
+"""load_images: one entry point that dispatches on what the path is (npz, NIfTI, LGG, DICOM, images).
+
+Folders of PNG/JPEG/TIFF images: how the folder levels below ROOT are read is the *layout*, a
+word per level joined by "/": ``site`` (the folder name becomes meta "site", a hospital),
+``class`` (meta "label"), ``patient`` (meta "patient", the folder's path from ROOT so that two
+sites' "001" stay apart) or ``skip`` (ignored), e.g. "site/class", "class", "skip/class";
+deeper folders are kept in meta "file" only. "flat" reads no folder level. "auto" (the default)
+looks at the shallowest image: directly in ROOT -> flat; one folder below -> class; two or
+more -> site/class. Without a patient level every image counts as its own patient.
+Hidden files and folders (names starting with ".", and __MACOSX) are skipped.
+"""
 
 from __future__ import annotations
 
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +28,49 @@ LGG_CASE = re.compile(r"^(TCGA_([A-Za-z0-9]+)_[A-Za-z0-9]+)_\d{8}$")
 LGG_SLICE = re.compile(r"^(?P<case>TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+_\d{8})_(?P<slice>\d+)\.tif$")
 
 
-def load_images(path, image_size: int | None = None, channels: int = 1) -> ImageSet:
+LAYOUT_LEVELS = {"site": "site", "class": "label", "label": "label", "patient": "patient", "skip": None}
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """How the folder levels below an image folder's ROOT are read (see the module docstring)."""
+
+    levels: tuple[str, ...]  # one word per level: site, class, label, patient or skip
+    reason: str  # one line: why these levels (given, or the auto rule that chose them)
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.levels) or "flat"
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A folder of PNG/JPEG/TIFF images: its root, the image files found, their layout."""
+
+    root: Path
+    files: list[Path]
+    layout: FolderLayout
+
+
+def load_images(path, image_size: int | None = None, channels: int = 1, layout: str = "auto") -> ImageSet:
     """Load images from a .npz, .nii/.nii.gz, image file, or folder (LGG layout, DICOM, images).
 
     Every image is converted to grayscale (channels=1) or RGB (channels=3) and, when image_size
-    is given, center-cropped to square and resized to image_size x image_size.
+    is given, center-cropped to square and resized to image_size x image_size. ``layout`` says
+    how a folder of images is read (module docstring); other sources accept only "auto".
     """
     path = Path(path)
     if channels not in (1, 3):
         raise DataError(f"load_images: channels must be 1 or 3, found {channels}")
-    if image_size is not None and image_size < 1:
+    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
         raise DataError(f"load_images: image_size must be a positive int, found {image_size}")
+    parse_layout(layout)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _load_folder(path, image_size, channels)
+        return _load_folder(path, image_size, channels, layout)
+    if layout != "auto":
+        raise DataError(f"{path}: layout {layout!r} applies to folders of images only; use 'auto' for a file")
     name = path.name.lower()
     if name.endswith(".npz"):
         return _load_npz(path, image_size, channels)
@@ -94,33 +133,132 @@ def _scale_to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
-def _load_folder(path: Path, image_size, channels) -> ImageSet:
+def parse_layout(layout: str) -> tuple[str, ...] | None:
+    """The layout's level words, () for "flat", None for "auto"; a DataError for anything else."""
+    if layout == "auto":
+        return None
+    if layout == "flat":
+        return ()
+    words = tuple(layout.split("/")) if isinstance(layout, str) else ()
+    named = [LAYOUT_LEVELS.get(w) for w in words if w != "skip"]
+    if not words or any(w not in LAYOUT_LEVELS for w in words) or len(set(named)) != len(named):
+        raise DataError(
+            f"layout {layout!r}: expected 'auto', 'flat' or one word per folder level joined by '/' "
+            "(site, class, patient, skip; each at most once), e.g. 'site/class'"
+        )
+    return words
+
+
+def image_folder(path, layout: str = "auto") -> ImageFolder | None:
+    """The folder of PNG/JPEG/TIFF images at path and its layout; None when path is something
+    else (a file, an LGG or DICOM folder); a DataError when it is a folder without images."""
+    path = Path(path)
+    parse_layout(layout)
+    if not path.is_dir() or _lgg_cases(path):
+        return None
+    files = _visible_files(path)
+    if any(_is_dicom(p) for p in files):
+        return None
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise DataError(f"{path}: no readable images (expected LGG case folders, DICOM, PNG, JPEG or TIFF files)")
+    return ImageFolder(path, images, _folder_layout(path, images, layout))
+
+
+def image_sizes(files: list[Path]) -> list[tuple[int, int]]:
+    """(width, height) of each image file, read from its header only."""
+    sizes = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                sizes.append(img.size)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{f}: not a readable image ({type(e).__name__}: {e})") from e
+    return sizes
+
+
+def _visible_files(root: Path) -> list[Path]:
+    def hidden(p: Path) -> bool:
+        return any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
+
+    return sorted(p for p in root.rglob("*") if p.is_file() and not hidden(p))
+
+
+def _folder_layout(root: Path, files: list[Path], layout: str) -> FolderLayout:
+    words = parse_layout(layout)
+    if words is not None:
+        return FolderLayout(words, "given")
+    shallowest = min(len(f.relative_to(root).parts) - 1 for f in files)
+    if shallowest == 0:
+        return FolderLayout((), f"auto: images sit directly in {root.name}/, so its folders are not read")
+    if shallowest == 1:
+        return FolderLayout(
+            ("class",), "auto: every image is in a subfolder, read as its class; layout 'site' if they are hospitals"
+        )
+    return FolderLayout(
+        ("site", "class"), "auto: every image is two or more folders deep: first level site, second class"
+    )
+
+
+def _load_folder(path: Path, image_size, channels, layout: str) -> ImageSet:
     cases = _lgg_cases(path)
     if cases:
+        _only_auto(layout, path, "an LGG folder")
         return _load_lgg(cases, image_size, channels)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+    files = _visible_files(path)
     dicoms = [p for p in files if _is_dicom(p)]
     if dicoms:
+        _only_auto(layout, path, "a DICOM folder")
         return _load_dicom(dicoms, image_size, channels)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise DataError(f"{path}: no readable images (expected LGG case folders, DICOM, PNG, JPEG or TIFF files)")
-    return _load_image_files(images, path, image_size, channels)
+    return _load_image_files(images, path, image_size, channels, _folder_layout(path, images, layout))
 
 
-def _load_image_files(files: list[Path], root: Path, image_size, channels) -> ImageSet:
+def _only_auto(layout: str, path: Path, kind: str) -> None:
+    if layout != "auto":
+        raise DataError(f"{path}: layout {layout!r} applies to folders of PNG/JPEG/TIFF images; this is {kind}")
+
+
+def _load_image_files(
+    files: list[Path], root: Path, image_size, channels, layout: FolderLayout | None = None
+) -> ImageSet:
     arrays = []
     for f in files:
         try:
             with Image.open(f) as img:
                 arrays.append(fit_image(_to_8bit(img), image_size, channels))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"{f}: not a readable image ({type(e).__name__}: {e})") from e
-    shapes = {a.shape for a in arrays}
+    shapes = {a.shape[:2] for a in arrays}
     if len(shapes) > 1:
-        raise DataError(f"{root}: images have different sizes {sorted(shapes)}; pass image_size to resize them")
-    names = np.array([f.relative_to(root).as_posix() for f in files])
-    return ImageSet(np.stack(arrays), {"file": names})
+        heights, widths = zip(*shapes)
+        raise DataError(
+            f"{root}: images have {len(shapes)} different sizes (width {min(widths)}-{max(widths)}, height "
+            f"{min(heights)}-{max(heights)} px); give an image size to resize them (--size, data.image_size)"
+        )
+    meta = {"file": np.array([f.relative_to(root).as_posix() for f in files])}
+    meta.update(_layout_meta(files, root, layout or FolderLayout((), "a single file")))
+    return ImageSet(np.stack(arrays), meta)
+
+
+def _layout_meta(files: list[Path], root: Path, layout: FolderLayout) -> dict[str, np.ndarray]:
+    """Per-image meta from the folder levels the layout names."""
+    meta: dict[str, list[str]] = {}
+    for f in files:
+        folders = f.relative_to(root).parts[:-1]
+        if len(folders) < len(layout.levels):
+            raise DataError(
+                f"{f}: layout {layout.name!r} expects every image at least {len(layout.levels)} folder(s) "
+                f"below {root}, found {len(folders)}"
+            )
+        for i, word in enumerate(layout.levels):
+            field = LAYOUT_LEVELS[word]
+            if field is not None:
+                value = "/".join(folders[: i + 1]) if field == "patient" else folders[i]
+                meta.setdefault(field, []).append(value)
+    return {k: np.array(v) for k, v in meta.items()}
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -198,6 +336,12 @@ def _load_dicom(files: list[Path], image_size, channels) -> ImageSet:
     for f in files:
         by_folder.setdefault(f.parent, []).append(f)
     parts = [_load_dicom_series(folder, fs, image_size, channels) for folder, fs in sorted(by_folder.items())]
+    shapes = {p.images.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise DataError(
+            f"DICOM series have different image sizes {sorted(shapes)}; give an image size to resize them "
+            "(--size, data.image_size)"
+        )
     meta = {k: np.concatenate([p.meta[k] for p in parts]) for k in parts[0].meta}
     return ImageSet(np.concatenate([p.images for p in parts]), meta)
 
@@ -215,7 +359,10 @@ def _load_dicom_series(folder: Path, files: list[Path], image_size, channels) ->
     if len(uids) > 1:
         raise DataError(f"{folder}: expected one DICOM series per folder, found {len(uids)} SeriesInstanceUIDs")
     datasets = _sort_slices(folder, datasets)
-    volume = np.stack([_dicom_pixels(ds) for ds in datasets])
+    pixels = [_dicom_pixels(ds) for ds in datasets]
+    if len({x.shape for x in pixels}) > 1:
+        raise DataError(f"{folder}: slices of one series have different sizes {sorted({x.shape for x in pixels})}")
+    volume = np.stack(pixels)
     images = _dicom_to_uint8(volume, datasets[0])
     patient = str(getattr(datasets[0], "PatientID", "") or folder.name)
     meta = {

@@ -1,12 +1,23 @@
-"""Splitting an ImageSet into clients, and holding out whole patients for evaluation."""
+"""Splitting an ImageSet into clients, and holding out whole patients for evaluation.
+
+Data without a "patient" field (a folder of images whose layout has no patient level) counts
+every image as its own patient; holding out or partitioning by patient then warns (DataWarning)
+that slices of one patient may end up on both sides.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
 from .imageset import DataError, ImageSet
 
-PARTITIONS = ("site", "patient", "iid", "dirichlet")
+PARTITIONS = ("site", "label", "patient", "iid", "dirichlet")
+
+
+class DataWarning(UserWarning):
+    """Data that works, but not the way the user may assume (one line)."""
 
 
 def partition(
@@ -15,23 +26,26 @@ def partition(
     """Split images into clients; every returned client has at least one image.
 
     by="site": clients is a list of site codes, each client gets its site's images (others unused).
+    by="label": clients is a list of labels (as by="site"), or k: whole labels, shuffled with
+    seed, dealt round-robin to client0..k-1.
     by="patient": clients=k; whole patients, shuffled with seed, dealt round-robin to client0..k-1.
     by="iid": clients=k; a seeded random permutation split into k near-equal parts.
-    by="dirichlet": clients=k; for each site, its images are split over the clients with
-    Dirichlet(alpha) proportions (label skew; smaller alpha = more skew).
+    by="dirichlet": clients=k; for each site (each label when the data has no sites), its images
+    are split over the clients with Dirichlet(alpha) proportions (smaller alpha = more skew).
     """
     if by not in PARTITIONS:
         raise DataError(f"partition: unknown by={by!r}; expected one of {', '.join(PARTITIONS)}")
-    if by == "site":
-        return _by_site(images, clients)
+    if by == "site" or (by == "label" and not isinstance(clients, (int, np.integer))):
+        return _by_value(images, by, clients)
     k = _client_count(clients, by)
     rng = np.random.default_rng(seed)
-    if by == "patient":
-        groups = _by_patient(images, k, rng)
+    if by in ("patient", "label"):
+        groups = _by_group(_field(images, by, "partition"), k, rng)
     elif by == "iid":
         groups = np.array_split(rng.permutation(len(images)), k)
     else:
-        groups = _by_dirichlet(images.meta_field("site"), k, alpha, rng)
+        skew = "site" if "site" in images.meta or "label" not in images.meta else "label"
+        groups = _by_dirichlet(_field(images, skew, "partition"), k, alpha, rng)
     for i, g in enumerate(groups):
         if len(g) == 0:
             raise DataError(
@@ -46,23 +60,53 @@ def _client_count(clients, by: str) -> int:
     return int(clients)
 
 
-def _by_site(images: ImageSet, sites) -> dict[str, ImageSet]:
-    if isinstance(sites, (str, int)) or not sites:
-        raise DataError(f"partition: by='site' expects clients to be a non-empty list of site codes, found {sites!r}")
-    site = images.meta_field("site")
+def patient_ids(images: ImageSet) -> np.ndarray:
+    """meta "patient", or one id per image when the data has none (each image its own patient)."""
+    if "patient" in images.meta:
+        return images.meta["patient"]
+    return np.array([f"image{i}" for i in range(len(images))])
+
+
+def _field(images: ImageSet, name: str, who: str) -> np.ndarray:
+    """meta[name]; for "patient" without one, each image its own patient (with a DataWarning);
+    for "site" and "label" a DataError that says where they come from."""
+    if name in images.meta:
+        return images.meta[name]
+    if name == "patient":
+        warnings.warn(
+            f"{who}: the data has no patient ids, so each image counts as its own patient and slices of "
+            "one patient may land on both sides (an image folder gets patients from a 'patient' layout level)",
+            DataWarning,
+            stacklevel=3,
+        )
+        return patient_ids(images)
+    if name in ("site", "label"):
+        level = "site" if name == "site" else "class"
+        raise DataError(
+            f"{who}: needs a {name} per image, but the data has fields {sorted(images.meta)}; an image folder "
+            f"gets one from a {level!r} folder level (layout 'site/class', '{level}')"
+        )
+    return images.meta_field(name)
+
+
+def _by_value(images: ImageSet, by: str, codes) -> dict[str, ImageSet]:
+    if isinstance(codes, (str, int)) or not codes:
+        raise DataError(
+            f"partition: by={by!r} expects clients to be a non-empty list of {by} names, found {codes!r}"
+        )
+    values = _field(images, by, "partition")
     out = {}
-    for code in sites:
-        idx = np.flatnonzero(site == code)
+    for code in codes:
+        idx = np.flatnonzero(values == code)
         if len(idx) == 0:
-            raise DataError(f"partition: site {code!r} has no images; sites present: {sorted(set(site.tolist()))}")
+            raise DataError(f"partition: {by} {code!r} has no images; {by}s present: {sorted(set(values.tolist()))}")
         out[str(code)] = images.subset(idx)
     return out
 
 
-def _by_patient(images: ImageSet, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    patient = images.meta_field("patient")
-    names = rng.permutation(np.unique(patient))
-    return [np.flatnonzero(np.isin(patient, names[i::k])) for i in range(k)]
+def _by_group(values: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    names = rng.permutation(np.unique(values))
+    return [np.flatnonzero(np.isin(values, names[i::k])) for i in range(k)]
 
 
 def _by_dirichlet(site: np.ndarray, k: int, alpha: float, rng, attempts: int = 100) -> list[np.ndarray]:
@@ -93,26 +137,32 @@ def split_holdout(
     holdout_fraction: float = 0.0,
     seed: int = 0,
 ) -> tuple[ImageSet, ImageSet]:
-    """(train, holdout) with whole patients held out: all patients of holdout_sites, or a seeded
-    fraction of patients. With neither, the hold-out set is empty."""
-    patient = images.meta_field("patient")
+    """(train, holdout) with whole patients held out: all images of holdout_sites, or a seeded
+    fraction of patients (of images, with a DataWarning, when the data has no patient ids).
+    With neither, the hold-out set is empty."""
     if holdout_sites and holdout_fraction:
         raise DataError("split_holdout: give holdout_sites or holdout_fraction, not both")
     if not 0.0 <= holdout_fraction < 1.0:
         raise DataError(f"split_holdout: holdout_fraction must be in [0, 1), found {holdout_fraction}")
     if holdout_sites:
-        site = images.meta_field("site")
+        site = _field(images, "site", f"split_holdout: holdout_sites {list(holdout_sites)}")
         for code in holdout_sites:
             if not np.any(site == code):
                 raise DataError(
                     f"split_holdout: site {code!r} has no images; sites present: {sorted(set(site.tolist()))}"
                 )
-        held = np.unique(patient[np.isin(site, holdout_sites)])
-    else:
+        mask = np.isin(site, holdout_sites)
+        if "patient" in images.meta:  # a patient seen at two sites goes with the hold-out
+            mask = np.isin(images.meta["patient"], images.meta["patient"][mask])
+    elif holdout_fraction:
+        patient = _field(images, "patient", "split_holdout")
         names = np.unique(patient)
         held = np.random.default_rng(seed).permutation(names)[: round(holdout_fraction * len(names))]
-    mask = np.isin(patient, held)
+        mask = np.isin(patient, held)
+    else:
+        mask = np.zeros(len(images), bool)
     train, holdout = images.subset(np.flatnonzero(~mask)), images.subset(np.flatnonzero(mask))
-    shared = set(train.meta["patient"].tolist()) & set(holdout.meta["patient"].tolist())
-    assert not shared, f"split_holdout: patients in both train and hold-out: {sorted(shared)[:5]}"
+    if "patient" in images.meta:
+        shared = set(train.meta["patient"].tolist()) & set(holdout.meta["patient"].tolist())
+        assert not shared, f"split_holdout: patients in both train and hold-out: {sorted(shared)[:5]}"
     return train, holdout

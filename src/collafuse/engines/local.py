@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, load_config
 from ..data import save_grid, to_uint8
-from ..factory import load_client_data, make_client, make_server, total_rounds
+from ..factory import client_secret, load_client_data, make_client, make_server, total_rounds
 from ..metering import SERVER, WallMeter, client_party, totals
 from ..state import load_state, save_npz, save_state, write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+SECRETS = "client-secrets"  # the clients' secrets; in a deployment each stays on its node
 
 
 class Run:
@@ -33,17 +34,26 @@ class Run:
     ``meter`` (default: wall seconds and bytes only) is shared by all parties; they measure
     their own phases, the engine adds the bytes of every message it carries. Pass an
     ``evaluation.costs.CostMeter`` for FLOPs and energy.
+
+    Each client's secret comes from ``secrets`` (tests inject them), else from
+    ``secrets_dir/<id>.key`` (made on first use), else is fresh for this process.
     """
 
-    def __init__(self, cfg: Config, meter=None):
+    def __init__(self, cfg: Config, meter=None, secrets_dir: Path | None = None,
+                 secrets: dict[str, bytes] | None = None):
         self.cfg = cfg
         self.meter = meter or WallMeter()
-        client_data, self.holdout = load_client_data(cfg)
+        data = load_client_data(cfg)
+        self.holdout, self.client_holdout = data.holdout, data.client_holdout
         self.server = make_server(cfg)
-        self.clients = {cid: make_client(cfg, cid, data) for cid, data in client_data.items()}
+        secrets = secrets or {}
+        self.clients = {
+            cid: make_client(cfg, cid, images,
+                             secrets[cid] if cid in secrets else client_secret(secrets_dir, cid))
+            for cid, images in data.clients.items()}
         for party in [self.server, *self.clients.values()]:
             party.meter = self.meter
-        self.rounds = total_rounds(cfg, [len(d) for d in client_data.values()])
+        self.rounds = total_rounds(cfg, [len(d) for d in data.clients.values()])
         self.round = 0
 
     def train_round(self) -> dict:
@@ -62,14 +72,17 @@ class Run:
             **{f"client_loss/{cid}": c.last_loss for cid, c in self.clients.items()},
         }
 
-    def sample(self, client_id: str, num_samples: int, seed: int) -> tuple:
-        """Split inference for one client; returns (images in [-1, 1], the server's hand-over)."""
+    def sample(self, client_id: str, num_samples: int, seed: int, on_step=None) -> tuple:
+        """Split inference for one client; returns (images in [-1, 1], the server's hand-over).
+
+        Server and client draw from their own streams for ``seed``; ``on_step(t, x)`` sees every
+        step of both halves (see :func:`collafuse.diffusion.denoise`)."""
         client = self.clients[client_id]
         request = client.request_samples(num_samples, seed)
         self._count(client.name, SERVER, request.nbytes, "sampling")
-        partial = self.server.generate(request)
+        partial = self.server.generate(request, on_step)
         self._count(SERVER, client.name, partial.nbytes, "sampling")
-        images = client.finish_samples(partial, seed)
+        images = client.finish_samples(partial, seed, on_step)
         return images, partial.x
 
     def _count(self, sender: str, receiver: str, nbytes: int, phase: str) -> None:
@@ -100,15 +113,22 @@ class Run:
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
                  stop_after_round: int | None = None, progress: bool = True,
-                 meter=None) -> Run:
+                 meter=None, secrets: dict[str, bytes] | None = None) -> Run:
     """Train (or resume) a run in ``run_dir``; sample and summarise when training is complete.
 
     ``stop_after_round`` ends the run early after checkpointing, as an interruption would.
     ``meter`` records every party's cost (see :class:`Run`); it is checkpointed with the run.
+    The clients' secrets live in ``run_dir/client-secrets/`` unless ``secrets`` injects them.
     """
     run_dir = Path(run_dir)
-    run = Run(cfg, meter)
-    _open_run_dir(cfg, run_dir, resume, run)
+    _check_run_dir(cfg, run_dir, resume)
+    run = Run(cfg, meter, run_dir / SECRETS, secrets)
+    if resume:
+        if (run_dir / CHECKPOINT).is_file():
+            run.load_state_dict(load_state(run_dir / CHECKPOINT))
+        _truncate_metrics(run_dir / METRICS, run.round)
+    else:
+        write_text(run_dir / "config.toml", cfg.to_toml())
     with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
               disable=not progress, unit="round") as bar, \
             open(run_dir / METRICS, "a") as log:
@@ -129,8 +149,8 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
     return run
 
 
-def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, run: Run) -> None:
-    """Create a fresh run folder, or restore a run from its checkpoint (config must match)."""
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
+    """A fresh run needs an empty or new folder; a resumed one its own config, unchanged."""
     config_file = run_dir / "config.toml"
     if resume:
         if not config_file.is_file():
@@ -138,15 +158,9 @@ def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, run: Run) -> None:
         if load_config(config_file).to_dict() != cfg.to_dict():
             raise ConfigError(f"{config_file}: the run was made with another config; resume "
                               "it with `collafuse train --resume` and no changes")
-        if (run_dir / CHECKPOINT).is_file():
-            run.load_state_dict(load_state(run_dir / CHECKPOINT))
-        _truncate_metrics(run_dir / METRICS, run.round)
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: folder exists and is not empty; choose another --out "
                           "or add --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(config_file, cfg.to_toml())
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:
@@ -204,6 +218,6 @@ def load_run(run_dir: str | Path, meter=None) -> Run:
     """Rebuild a finished or interrupted run from its folder (costs continue in ``meter``)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")
-    run = Run(cfg, meter)
+    run = Run(cfg, meter, run_dir / SECRETS)
     run.load_state_dict(load_state(run_dir / CHECKPOINT))
     return run

@@ -61,7 +61,7 @@ def by_cut(rows: list[dict], key: str, reduce=np.mean) -> np.ndarray:
     """One value per cut ratio: ``reduce`` over the clients' rows (NaN where none is known)."""
     out = []
     for c in cut_ratios(rows):
-        values = [r[key] for r in rows if r["cut_ratio"] == c and r[key] is not None]
+        values = [r[key] for r in rows if r["cut_ratio"] == c and r.get(key) is not None]
         out.append(float(reduce(values)) if values else float("nan"))
     return np.array(out)
 
@@ -97,17 +97,24 @@ def plot_kid(rows: list[dict], path: Path) -> None:
 
 
 def plot_disclosure(rows: list[dict], path: Path) -> None:
-    """The paper's Figure 3 (right): what the server's hand-over discloses, against c."""
+    """The paper's Figure 3 (right) and the copy-sensitive measures, against c."""
     cs = cut_ratios(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for cid, values in per_client(rows, "disclosure_mse").items():
-        axes[0].plot(cs, values, "o-", label=f"{cid}: mean pairwise")
-    for cid, values in per_client(rows, "disclosure_nn_mse").items():
-        axes[0].plot(cs, values, "s--", label=f"{cid}: nearest neighbour")
-    axes[0].set_ylabel("MSE, hand-over vs real images (high = little disclosed)")
+        axes[0].plot(cs, values, "o-", label=f"{cid}: paper's, mean pairwise")
+    for cid, values in per_client(rows, "disclosure_x0_nn_mse").items():
+        axes[0].plot(cs, values, "s--", label=f"{cid}: server's x0 estimate, nearest")
+    axes[0].plot(cs, by_cut(rows, "disclosure_x0_nn_mse_baseline"), "k:",
+                 label="baseline: new images of the hospitals, nearest")
+    axes[0].set_ylabel("MSE to the client's training images")
     for cid, values in per_client(rows, "disclosure_kid").items():
         axes[1].plot(cs, values, "o-", label=cid)
-    axes[1].set_ylabel("KID, hand-over vs real images")
+    axes[1].set_ylabel("KID, hand-over vs real images (paper's)")
+    for cid, values in per_client(rows, "disclosure_memorisation_nearer_train").items():
+        axes[2].plot(cs, values, "o-", label=cid)
+    axes[2].plot(cs, by_cut(rows, "disclosure_memorisation_baseline_nearer_train"), "k:",
+                 label="baseline: held-out patients")
+    axes[2].set_ylabel("fraction of x0 estimates nearer to training\nthan to held-out patients")
     for ax in axes:
         ax.set_xlabel("cut ratio c")
         ax.legend(fontsize=7)
@@ -181,9 +188,16 @@ def render(rows: list[dict], out: Path) -> str:
            else "") + f". Cut ratios: {', '.join(f'{c:g}' for c in cut_ratios(rows))}; "
         f"clients: {', '.join(clients(rows))}; T = {rows[0]['num_timesteps']}; "
         f"{rows[0]['num_samples']} generated images per client and cut ratio.",
+        ("KID is clean-fid's (its resize and its `kernel_distance`, checked in the tests): the "
+         "mean over random subsets of the smaller set's size or the subset size. With fewer "
+         "generated images than a subset, every subset holds all of them, so the std over "
+         "subsets (`kid_*_std`) does not measure sampling uncertainty; the 95% bootstrap "
+         "interval over both sets (`kid_*_ci_low`, `kid_*_ci_high`) does."),
         _energy_note(estimate),
         "## Findings of the paper, and this run",
         *findings(rows),
+        "## Beyond the paper: copying",
+        copying(rows),
         "## Results per cut ratio (mean over clients)",
         summary_table(rows),
         ("Per client and cut ratio: `results.csv` / `results.json`. The client FLOP share is "
@@ -216,9 +230,17 @@ def _energy_note(estimate: set) -> str:
 def summary_table(rows: list[dict]) -> str:
     cols = [("handover_sigma", "hand-over noise std", "{:.2f}"),
             ("kid_train", "KID train", "{:.4f}"), ("kid_holdout", "KID hold-out", "{:.4f}"),
-            ("disclosure_mse", "discl. MSE", "{:.3f}"),
-            ("disclosure_nn_mse", "discl. NN-MSE", "{:.3f}"),
-            ("disclosure_kid", "discl. KID", "{:.4f}"),
+            ("kid_holdout_ci_low", "hold-out 95% CI low", "{:.4f}"),
+            ("kid_holdout_ci_high", "high", "{:.4f}"),
+            ("disclosure_mse", "discl. MSE (paper's)", "{:.3f}"),
+            ("disclosure_kid", "discl. KID (paper's)", "{:.4f}"),
+            ("disclosure_x0_nn_mse", "x0 NN-MSE", "{:.4f}"),
+            ("disclosure_x0_nn_mse_baseline", "baseline NN-MSE", "{:.4f}"),
+            ("disclosure_memorisation_nearer_train", "nearer train", "{:.2f}"),
+            ("disclosure_memorisation_baseline_nearer_train", "baseline nearer train",
+             "{:.2f}"),
+            ("disclosure_memorisation_copy_fraction", "near-copies", "{:.2f}"),
+            ("disclosure_memorisation_baseline_copy_fraction", "baseline near-copies", "{:.2f}"),
             ("client_flop_share", "client FLOP share", "{:.2f}"),
             ("client_energy_kwh", "client kWh", "{:.2e}"),
             ("server_energy_kwh", "server kWh", "{:.2e}"),
@@ -293,7 +315,6 @@ def _disclosure(rows, cs) -> str:
     if 0.0 not in cs:
         return "3. **Disclosure high only at c = 0**: c = 0 was not evaluated; cannot check."
     mse = by_cut(rows, "disclosure_mse")
-    nn = by_cut(rows, "disclosure_nn_mse")
     at_zero = mse[cs.index(0.0)]
     others = [m for c, m in zip(cs, mse) if c > 0]
     # "high disclosure only at c = 0": c = 0 is far closer to the real images than any c > 0.
@@ -301,10 +322,38 @@ def _disclosure(rows, cs) -> str:
     return ("3. **Disclosed information is high only at c = 0** (paper: mean pixel MSE "
             f"{PAPER_DISCLOSURE_MSE['c=0']} at c = 0 against {PAPER_DISCLOSURE_MSE['c>=0.2']} "
             f"for c >= 0.2). {_verdict(clear, at_zero < min(others))}: mean pairwise MSE "
-            f"{_series(cs, mse, '{:.3f}')}; nearest-neighbour MSE {_series(cs, nn, '{:.3f}')}; "
-            f"hand-over noise std {_series(cs, handover_sigma(rows), '{:.2f}')} (the client owns "
-            "the s lowest-noise steps, so a small c hands over a lightly noised image). "
-            "(Criterion: the c = 0 value below a third of every c > 0 value.)")
+            f"{_series(cs, mse, '{:.3f}')}; hand-over noise std "
+            f"{_series(cs, handover_sigma(rows), '{:.2f}')} (the client owns the s lowest-noise "
+            "steps, so a small c hands over a lightly noised image). (Criterion: the c = 0 "
+            "value below a third of every c > 0 value.) The paper's measure depends only on the "
+            "two sets' means and second moments: for c > 0 it is fixed by the hand-over noise "
+            "level, and it cannot see copying (exact copies of the training images score worse "
+            "than their mean image repeated); the next section measures copying.")
+
+
+def copying(rows) -> str:
+    """Not a finding of the paper: whether the server's view of a client's images copies them."""
+    cs = cut_ratios(rows)
+    near = by_cut(rows, "disclosure_memorisation_nearer_train")
+    base = by_cut(rows, "disclosure_memorisation_baseline_nearer_train")
+    nn, nn_base = by_cut(rows, "disclosure_x0_nn_mse"), by_cut(rows, "disclosure_x0_nn_mse_baseline")
+    copies = by_cut(rows, "disclosure_memorisation_copy_fraction")
+    copies_base = by_cut(rows, "disclosure_memorisation_baseline_copy_fraction")
+    if not np.any(np.isfinite(near)):
+        return ("**Copying**: not measured; set "
+                "data.client_holdout_fraction > 0 to hold out same-hospital patients.")
+    return ("**Does the server's view copy the clients' images?** (The "
+            "server's own x0 estimate of each hand-over, Tweedie with its model, against the "
+            "client's training images and its held-out patients of the same hospital; baseline: "
+            "real images of other held-out patients, which copy nothing). Fraction nearer to "
+            f"training than to held-out patients: {_series(cs, near, '{:.2f}')} (baseline "
+            f"{_series(cs, base, '{:.2f}')}); nearest-neighbour MSE to training: "
+            f"{_series(cs, nn, '{:.4f}')} (baseline {_series(cs, nn_base, '{:.4f}')}); "
+            "fraction of near-copies (three times nearer to a training image than to any "
+            f"held-out one): {_series(cs, copies, '{:.2f}')} (baseline "
+            f"{_series(cs, copies_base, '{:.2f}')}). A fraction above its baseline, or an MSE "
+            "below its baseline, shows copying beyond what any new image of the hospital would "
+            "show.")
 
 
 def _energy(rows, cs) -> str:

@@ -6,8 +6,11 @@ engine; a finished run is kept, an interrupted one resumed), then every client i
 - performance: KID of its generated samples against its own training images and against the
   hold-out set;
 - disclosed information: the server's hand-over x_{s-1} (pure noise for c = 1, the final
-  images for c = 0) against the client's real training images: mean pairwise MSE (the paper's
-  measure), mean nearest-neighbour MSE and KID;
+  images for c = 0) against the client's real training images: the paper's measures, mean
+  pairwise MSE (blind to copying, see :mod:`.disclosure`) and KID; and the copy-sensitive
+  measures on the server's own estimate of x0 from each hand-over (Tweedie with its model):
+  nearest-neighbour MSE to the training images and :func:`.disclosure.memorisation` against
+  the client's same-hospital held-out patients, each beside its no-copy baseline;
 - cost per party and phase from a CostMeter (FLOPs, energy, seconds, bytes).
 
 An evaluated cut ratio keeps its rows in ``c=<c>/evaluation.json``, so a rerun only does
@@ -28,14 +31,14 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, from_dict, load_config
-from ..data import to_uint8
-from ..diffusion import denoise
+from ..data import patient_ids, split_holdout, to_model, to_uint8
 from ..engines.local import load_run, run_training
 from ..metering import SERVER, client_party, totals
+from ..privacy.attacks import tweedie_from_view
 from ..state import save_npz, write_text
 from .costs import CostMeter
-from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse
-from .kid import cached_features, kid
+from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
+from .kid import cached_features, kid, kid_bootstrap_interval
 from .layout import EVALUATION, RESULTS, TRAJECTORY, cut_dir
 from .report import write_report
 
@@ -122,6 +125,10 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
                     "seed": cfg.run.seed}
         kid_train = kid(gen_feats, real_feats, **kid_args)
         kid_holdout = kid(gen_feats, holdout, **kid_args)
+        # With fewer generated images than a subset, every subset holds all of them and the std
+        # above says nothing about sampling; the bootstrap interval does.
+        train_ci = kid_bootstrap_interval(gen_feats, real_feats, seed=cfg.run.seed)
+        holdout_ci = kid_bootstrap_interval(gen_feats, holdout, seed=cfg.run.seed)
         kid_disclosure = kid(handover_feats, real_feats, **kid_args)
         client_train = totals(training, client_party(cid), TRAINING_PHASES)
         sampled = meter.rows()
@@ -136,10 +143,12 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "train_images": len(real),
             "num_samples": ev.num_samples,
             "kid_train": kid_train[0], "kid_train_std": kid_train[1],
+            "kid_train_ci_low": train_ci[0], "kid_train_ci_high": train_ci[1],
             "kid_holdout": kid_holdout[0], "kid_holdout_std": kid_holdout[1],
+            "kid_holdout_ci_low": holdout_ci[0], "kid_holdout_ci_high": holdout_ci[1],
             "disclosure_mse": mean_pairwise_mse(handover.numpy(), real.numpy()),
-            "disclosure_nn_mse": mean_nearest_neighbour_mse(handover.numpy(), real.numpy()),
             "disclosure_kid": kid_disclosure[0], "disclosure_kid_std": kid_disclosure[1],
+            **copy_disclosure(run, cid, handover, cfg.run.seed),
             **_cost_columns("client", client_train),
             **_cost_columns("server", server_train),
             "client_flop_share": _share(client_train["flops"], server_train["flops"],
@@ -156,6 +165,38 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
     _save_trajectory(run, run_dir / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
     write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
     return rows
+
+
+def copy_disclosure(run, client_id: str, handover: torch.Tensor, seed: int) -> dict:
+    """What the server's own x0 estimates of a client's hand-overs reveal about its images.
+
+    The server denoises each hand-over with its model (Tweedie, as attack b of the audit;
+    the final images themselves at c = 0; nothing at c = 1, where it hands over pure noise).
+    ``x0_nn_mse``: mean nearest-neighbour MSE of the estimates to the client's training images,
+    beside the same for real images of held-out patients of the hospital (``_baseline``: what
+    a new image of that hospital scores). ``memorisation_*``: :func:`.disclosure.memorisation`,
+    with those held-out patients split by patient into reference and no-copy probe.
+    """
+    server, train = run.server, run.clients[client_id].images.numpy()
+    names = ["x0_nn_mse", "x0_nn_mse_baseline"] + [
+        f"memorisation_{base}{stat}" for base in ("", "baseline_")
+        for stat in ("nearer_train", "distance_ratio", "copy_fraction")]
+    out = {f"disclosure_{n}": None for n in names}
+    held = run.client_holdout.get(client_id)
+    if server.cut == server.num_timesteps:
+        return out
+    with torch.no_grad():
+        estimate = tweedie_from_view(server._sampling_eps, server.scheduler, handover, server.cut,
+                                     torch.Generator().manual_seed(seed)).clamp(-1, 1).numpy()
+    out["disclosure_x0_nn_mse"] = mean_nearest_neighbour_mse(estimate, train)
+    if held is None or len(np.unique(patient_ids(held))) < 2:
+        return out  # no same-hospital patients held out (data.client_holdout_fraction = 0)
+    reference, probe = split_holdout(held, holdout_fraction=0.5, seed=seed)
+    reference, probe = to_model(reference.images).numpy(), to_model(probe.images).numpy()
+    out["disclosure_x0_nn_mse_baseline"] = mean_nearest_neighbour_mse(probe, train)
+    out.update({f"disclosure_memorisation_{k}": v
+                for k, v in memorisation(estimate, train, reference, probe).items()})
+    return out
 
 
 def _cost_columns(prefix: str, cost: dict) -> dict:
@@ -200,30 +241,22 @@ def _generate(run, client_id: str, num_samples: int, seed: int):
 
 
 def trajectory(run, client_id: str, num_steps: int, seed: int) -> tuple[list[int], np.ndarray]:
-    """One sample's way from noise to image: the server's steps, then the client's.
+    """One sample's way from noise to image, recorded along the split sampler itself.
 
-    Returns the timesteps t after which x was recorded (the first is the pure noise, labelled
-    T) and the uint8 images (len(steps), H, W[, C]). The same seed gives every cut ratio the same
-    starting noise.
+    Returns the marks t after whose step x was recorded (the first, T, is the pure noise) and
+    the uint8 images (len(marks), H, W[, C]). The same seed gives every cut ratio the same
+    starting noise (the server's stream for that seed).
     """
-    server, client = run.server, run.clients[client_id]
-    total = server.num_timesteps
+    total = run.server.num_timesteps
     marks = sorted({round(float(v)) for v in np.linspace(total, 0, num_steps)}, reverse=True)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, *server.image_shape), generator=generator)
-    frames = [x]
-    # Segments end at every recorded mark and at the cut, so each runs on one party's model.
-    bounds = sorted(set(marks[1:]) | {server.cut} - {total}, reverse=True)
-    start = total
-    with torch.no_grad():
-        for end in bounds:
-            steps = list(range(start - 1, end - 1, -1))
-            owner = server if end >= server.cut else client
-            x = denoise(owner._sampling_eps, server.scheduler, x, steps, generator)
-            if end in marks:
-                frames.append(x)
-            start = end
-    return marks, to_uint8(torch.cat(frames))
+    frames = {}
+
+    def record(t, x):
+        if t in marks:
+            frames[t] = x.clone()
+
+    run.sample(client_id, 1, seed, on_step=record)
+    return marks, to_uint8(torch.cat([frames[m] for m in marks]))
 
 
 def _save_trajectory(run, path: Path, num_steps: int, seed: int) -> None:

@@ -3,7 +3,9 @@
 Every Flower message starts a fresh ClientApp process on the node, so the Client lives on
 node-local disk between messages: ``<state-dir>/client.pt`` (model, optimiser, EMA, RNG,
 data cursor; written atomically) next to ``<state-dir>/config.toml`` (the run's config, which
-the server sends with every message; a different config on a later message is refused).
+the server sends with every message; a different config on a later message is refused) and
+``<state-dir>/<client-id>.key`` (the client's secret, made from os.urandom on first use; it
+seeds the noisy-data view noise and never leaves the node).
 
 Message types handled:
 
@@ -93,14 +95,17 @@ def _images(cfg, cid: str, data_path: Path | None):
     if data_path is None:
         from ...factory import load_client_data
 
-        parts, _ = load_client_data(cfg)
+        parts = load_client_data(cfg).clients
         if cid not in parts:
             raise ValueError(f"client {cid!r} is not a partition of {cfg.data.path} (have {sorted(parts)})")
         return parts[cid]
-    from ...data import load_images, normalise_intensity
+    from ...data import load_images, normalise_intensity, split_holdout
 
     images = load_images(data_path, image_size=cfg.data.image_size, channels=cfg.data.channels)
     images.images = normalise_intensity(images.images, cfg.data.intensity)
+    if cfg.data.client_holdout_fraction:
+        images, _ = split_holdout(images, holdout_fraction=cfg.data.client_holdout_fraction,
+                                  seed=cfg.run.seed)
     if cfg.data.max_images_per_client:
         images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
     return images
@@ -108,10 +113,11 @@ def _images(cfg, cid: str, data_path: Path | None):
 
 def _load_client(msg: Message, context: Context):
     """The node's Client: made on first use, else restored from its state folder."""
-    from ...factory import make_client
+    from ...factory import client_secret, make_client
 
     cfg, meta, cid, state_dir, data_path, out_dir, progress = _config_and_identity(msg, context)
-    client = make_client(cfg, cid, _images(cfg, cid, data_path))
+    # The secret stays on this node's disk; the server never sees it or anything it is made from.
+    client = make_client(cfg, cid, _images(cfg, cid, data_path), client_secret(state_dir, cid))
     if (state_dir / STATE_FILE).is_file():
         client.load(state_dir / STATE_FILE)
     return client, meta, cid, state_dir, out_dir, progress
