@@ -94,3 +94,54 @@ def memorisation(samples, train, reference, probe) -> dict:
         out[f"{prefix}distance_ratio"] = float(np.median(ratio))
         out[f"{prefix}copy_fraction"] = float(np.mean(ratio < COPY_RATIO))
     return out
+
+
+def _paired(x, ref) -> tuple[np.ndarray, np.ndarray]:
+    x, ref = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if x.shape != ref.shape or x.ndim < 2:
+        raise ValueError(f"x and ref must have the same shape (N, ...), got {x.shape} and {ref.shape}")
+    return x, ref
+
+
+def psnr(x, ref, data_range: float = 2.0) -> np.ndarray:
+    """(N,) peak signal-to-noise ratio in dB per image; inf where x_i == ref_i."""
+    x, ref = _paired(x, ref)
+    mse = ((x - ref) ** 2).reshape(len(x), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(x, ref, data_range: float = 2.0, win_size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """(N,) structural similarity per image (Wang et al. 2004), mean over channels and pixels.
+
+    Images (N, H, W) or (N, C, H, W); Gaussian window (11, sigma 1.5), K1 = 0.01, K2 = 0.03,
+    statistics over the 'valid' positions only (as Wang et al.'s reference code). Images smaller
+    than the window get the largest odd window that fits.
+    """
+    x, ref = _paired(x, ref)
+    if x.ndim == 3:
+        x, ref = x[:, None], ref[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"ssim expects (N, H, W) or (N, C, H, W), got {x.shape}")
+    c = x.shape[1]
+    size = min(win_size, x.shape[2], x.shape[3])
+    size -= 1 - size % 2
+    window = _gaussian_window(size, sigma).expand(c, 1, size, size).contiguous()
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=c)
+
+    tx, ty = torch.from_numpy(x), torch.from_numpy(ref)
+    mu_x, mu_y = filt(tx), filt(ty)
+    var_x = filt(tx * tx) - mu_x ** 2
+    var_y = filt(ty * ty) - mu_y ** 2
+    cov = filt(tx * ty) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(1, 2, 3)).numpy()
