@@ -3,8 +3,13 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from collafuse.config import load_config
+
+# Tests compare runs bit for bit; on a GPU machine (run.device = "auto" trains there) that needs
+# cuDNN's deterministic kernels. No effect on the CPU.
+torch.backends.cudnn.deterministic = True
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "lgg_flair_32.npz"

@@ -199,7 +199,8 @@ def test_training_runs_with_only_torch_diffusers_and_numpy(tmp_path):
     overrides = [f"{k}={v}" for k, v in (item.split("=", 1) for item in tiny_overrides())]
     train = ["train", "-", "--out", str(tmp_path / "r"),
              *[a for item in overrides for a in ("--set", item)]]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     for argv in (train, ["sample", str(tmp_path / "r"), "-n", "2"]):
         argv = [str(REPO / "configs/quickstart.toml") if a == "-" else a for a in argv]
         done = subprocess.run([sys.executable, "-c", script, *argv], env=env,

@@ -43,6 +43,8 @@ def test_loss_falls_and_the_run_folder_loads_on_the_cpu(tiny_config, tmp_path, p
 
 
 def test_resume_is_exact_with_device_generators(tiny_config, tmp_path):
+    """Both generators continue where they stopped (with cuDNN's deterministic kernels, which
+    conftest asks for, the models agree bit for bit)."""
     cfg = cuda(tiny_config, **{"train.protocol": '"noisy-data"', "train.ema_decay": 0.9})
     run_training(cfg, tmp_path / "cut", stop_after_round=3, progress=False, secrets=SECRETS)
     full = run_training(cfg, tmp_path / "full", progress=False, secrets=SECRETS)
