@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from collafuse.config import load_config
-from collafuse.device import Placement
+from collafuse.device import Placement, enlarge_cpu_kernel_cache
 from collafuse.diffusion import make_scheduler
 from collafuse.engines.local import Run
 from collafuse.factory import total_rounds
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="CollaFuse rounds per block")
     parser.add_argument("--samples", type=int, default=256, help="images for the sampling rate")
     args = parser.parse_args()
+    enlarge_cpu_kernel_cache()  # as the collafuse command does, before any convolution
 
     settings = {"run.device": args.device, "diffusion.cut_ratio": args.cut_ratio,
                 "train.ema_decay": 0.0, "train.compile": args.compile, "model.preset": args.preset,

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     exit status 1 (set COLLAFUSE_TRACEBACK=1 to see the traceback)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    from .device import enlarge_cpu_kernel_cache
+
+    enlarge_cpu_kernel_cache()  # before any convolution runs
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warnings(previous)
     try:
