@@ -20,9 +20,9 @@ import torch
 # size and caches 1024 of them. A CollaFuse party meets a new batch size at most steps (how many
 # images of a batch fall on each side of the cut is random), about 90 kernels per size for the
 # small UNet, so the default cache thrashes and every round recompiles hundreds of kernels while
-# a plain loop's fixed batch compiles once. 16384 holds every size a run meets, for about 1 GB
-# more memory on the quickstart; the kernels, and so every number, stay the same.
-CPU_KERNEL_CACHE = "16384"
+# a plain loop's fixed batch compiles once. 8192 holds the sizes a quickstart run meets (about
+# 5,000 kernels, about 1 GB more memory); the kernels, and so every number, stay the same.
+CPU_KERNEL_CACHE = "8192"
 
 
 def enlarge_cpu_kernel_cache() -> None:
