@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (about 5 minutes on one H200; every stage has a time limit, so it
-# ends within 8): for a machine with a CUDA build of PyTorch (2.11 tested for, Python 3.12), no
-# network and none of this project's other packages.
+# The GPU check, in one go (about 5 minutes on one H200; the stages' time limits add up to 7.5
+# minutes): for a machine with a CUDA build of PyTorch (2.11 tested for, Python 3.12), no
+# network and none of this project's other packages. With this workplace's device tool:
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".data"], timeout_s=540)
 #
 #   1. installs diffusers from the wheel carried in .whl/ and this project with --no-deps
 #      (into /tmp/site; nothing else is needed to train: torch, numpy, pillow, tqdm,
@@ -59,16 +60,16 @@ if [ ! -f "$DATA" ]; then
 fi
 
 stage "tests: gpu-marked, device, training, parties"
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device.py \
+timeout 210 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_device.py \
     tests/test_training.py tests/test_parties.py || failed+=("tests")
 
 stage "benchmark: benchmarks/gpu_throughput.py"
-timeout 150 "$PY" benchmarks/gpu_throughput.py --set "data.path=\"$DATA\"" \
+timeout 120 "$PY" benchmarks/gpu_throughput.py --set "data.path=\"$DATA\"" \
     | tee "$OUT/benchmark.txt" || failed+=("benchmark")
 
 stage "paper setting at c = 0.6, $EPOCHS epochs"
 rm -rf "$RUN"
-if timeout 150 "$PY" -m collafuse.cli train configs/paper.toml --out "$RUN" --device cuda \
+if timeout 120 "$PY" -m collafuse.cli train configs/paper.toml --out "$RUN" --device cuda \
         --set "data.path=\"$DATA\"" --set diffusion.cut_ratio=0.6 --set "train.epochs=$EPOCHS" \
         --set train.checkpoint_every=1000; then
     cp "$RUN/metrics.jsonl" "$RUN/summary.json" "$OUT/paper-c0.6/"
