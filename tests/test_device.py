@@ -190,8 +190,9 @@ BLOCKED = ("flwr", "codecarbon", "nibabel", "pydicom", "matplotlib", "scipy", "c
 
 
 def test_training_runs_with_only_torch_diffusers_and_numpy(tmp_path):
-    """`collafuse train` and `collafuse sample` where none of the evaluation, deployment or
-    medical-format packages is installed (a None in sys.modules is how Python spells absent)."""
+    """`collafuse train`, `sample` and `sweep --train-only` where none of the evaluation,
+    deployment or medical-format packages is installed (a None in sys.modules is how Python
+    spells absent)."""
     script = (f"import sys\nfor name in {BLOCKED!r}:\n    sys.modules[name] = None\n"
               "from collafuse.cli import main\ncode = main(sys.argv[1:])\n"
               f"assert all(sys.modules[name] is None for name in {BLOCKED!r})\n"
@@ -201,9 +202,13 @@ def test_training_runs_with_only_torch_diffusers_and_numpy(tmp_path):
              *[a for item in overrides for a in ("--set", item)]]
     path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    for argv in (train, ["sample", str(tmp_path / "r"), "-n", "2"]):
+    sweep = ["sweep", "-", "--train-only", "--out", str(tmp_path / "s"),
+             *[a for item in overrides for a in ("--set", item)],
+             "--set", "sweep.cut_ratios=[0.5]", "--set", "evaluation.energy=false"]
+    for argv in (train, ["sample", str(tmp_path / "r"), "-n", "2"], sweep):
         argv = [str(REPO / "configs/quickstart.toml") if a == "-" else a for a in argv]
         done = subprocess.run([sys.executable, "-c", script, *argv], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "r/samples/DU.png").is_file()
+    assert (tmp_path / "s/c=0.5/summary.json").is_file()

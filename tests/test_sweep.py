@@ -125,12 +125,13 @@ def test_shipped_sweep_configs_load(path):
 def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     """--train-only trains and evaluates nothing; --evaluate-only evaluates finished runs,
     wherever they ran (run.device is no part of a run's identity), and trains nothing."""
+    import collafuse.evaluation.report as report
     import collafuse.evaluation.sweep as sweep
 
     evaluated = []
     monkeypatch.setattr(sweep, "evaluate_cut", lambda cfg, run_dir, cache, progress:
                         evaluated.append((cfg.run.device, run_dir.name)) or [])
-    monkeypatch.setattr(sweep, "write_report", lambda out: None)
+    monkeypatch.setattr(report, "write_report", lambda out: None)
     cfg = _sweep_config(**{"run.device": '"cpu"'})
     out = tmp_path / "sweep"
     with pytest.raises(ConfigError, match="no finished training run"):

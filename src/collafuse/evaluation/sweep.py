@@ -40,7 +40,6 @@ from .costs import CostMeter
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
 from .layout import EVALUATION, RESULTS, TRAJECTORY, cut_dir
-from .report import write_report
 
 TRAINING_PHASES = ("diffusion", "training")
 # Generated images per sampling call: bounds memory at 128x128 without changing the method.
@@ -85,6 +84,8 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
         if evaluate:
             rows += evaluate_cut(cfg, run_dir, out / "cache", progress)
     if evaluate:
+        from .report import write_report  # matplotlib: not needed where --train-only runs
+
         write_results(out, rows)
         write_report(out)
     return rows
