@@ -11,12 +11,14 @@ machine noise hits both alike:
   a matrix product measured in the same run (bf16 8192^3 on CUDA; fp32 1024^3 on a CPU, whose
   path stays fp32);
 - split sampling images/s (server steps T-1..s, client steps s-1..0);
-- the projected wall time of configs/paper.toml: one cut ratio, and the six-point sweep.
+- the projected wall time of configs/paper.toml: one cut ratio, and the six-point sweep (at the
+  steady rate, plus what the warm-up rounds cost beyond it: on a GPU each new batch size, which
+  the random split makes frequent at first, builds its cuDNN plans once).
 
     python benchmarks/gpu_throughput.py                       # on a GPU machine
     python benchmarks/gpu_throughput.py --set data.path=...   # the 128x128 file elsewhere
     python benchmarks/gpu_throughput.py --config configs/quickstart.toml --preset small \\
-        --image-size 32 --batch-size 16 --rounds 2 --blocks 2 --warmup 1 --samples 4   # a CPU
+        --image-size 32 --batch-size 16 --rounds 2 --blocks 2 --warmup 2 --samples 4   # a CPU
 """
 
 from __future__ import annotations
@@ -126,12 +128,14 @@ def sampling_rate(run: Run, num_samples: int) -> float:
     return num_samples / (time.perf_counter() - start)
 
 
-def projection(paper, sizes: list[int], train_rate: float, sample_rate: float) -> list[str]:
-    """Wall time of configs/paper.toml at the measured rates (training at this cut ratio's)."""
+def projection(paper, sizes: list[int], train_rate: float, sample_rate: float,
+               once: float) -> list[str]:
+    """Wall time of configs/paper.toml at the measured rates (training at this cut ratio's),
+    plus ``once`` seconds of first-use costs per run."""
     clients = len(paper.data.clients)
     rounds = total_rounds(paper, sizes)
     passes = rounds * paper.train.batch_size * clients
-    train_s = passes / train_rate
+    train_s = passes / train_rate + once
     final_samples = paper.sample.num_samples * clients / sample_rate
     cuts = len(paper.sweep.cut_ratios)
     eval_s = paper.evaluation.num_samples * clients / sample_rate
@@ -157,8 +161,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="per client (default: the config's)")
     parser.add_argument("--cut-ratio", type=float, default=0.6)
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets")
-    parser.add_argument("--warmup", type=int, default=30, help="CollaFuse rounds before timing "
-                        "(each new batch size costs kernel plans once)")
+    parser.add_argument("--warmup", type=int, default=100, help="CollaFuse rounds before "
+                        "timing: the first use of each batch size costs kernel plans once")
     parser.add_argument("--blocks", type=int, default=4, help="alternating measurement blocks")
     parser.add_argument("--rounds", type=int, default=10, help="CollaFuse rounds per block")
     parser.add_argument("--samples", type=int, default=256, help="images for the sampling rate")
@@ -177,9 +181,8 @@ def main() -> None:
     union = torch.cat([c.images for c in run.clients.values()])
     plain = plain_loop(union, cfg, place, args.compile)
     split = collafuse_rounds(run)
-    for _ in range(args.warmup):
-        next(split)
-    timed(plain, max(3, args.warmup // 3), place.device)
+    warmup_rate = timed(split, args.warmup, place.device)
+    timed(plain, max(3, args.warmup // 10), place.device)
     # the plain loop takes as many steps per block as CollaFuse has images per block
     plain_steps = args.rounds * cfg.train.batches_per_round * len(run.clients)
     rates = {"plain": [], "collafuse": []}
@@ -210,12 +213,17 @@ def main() -> None:
     print(f"peak ({peak_what}, this run): {peak:.1f} TFLOP/s; CollaFuse reaches "
           f"{100 * split_rate * per_image / 1e12 / peak:.1f}% of it")
     print(f"sampling (split, T = {cfg.diffusion.num_timesteps} steps): {sample_rate:.1f} images/s")
+    warmup_images = args.warmup * cfg.train.batch_size * cfg.train.batches_per_round \
+        * len(run.clients)
+    once = max(0.0, warmup_images / warmup_rate - warmup_images / split_rate)
+    print(f"warm-up: {args.warmup} rounds at {warmup_rate:.1f} images/s; the first use of each "
+          f"batch size (and compiling, where on) cost about {once:.0f} s once")
     paper = load_config(REPO / "configs/paper.toml")
     note = "" if (cfg.model.preset, cfg.data.image_size, cfg.train.batch_size) == (
         paper.model.preset, paper.data.image_size, paper.train.batch_size) else \
         " [measured at another setting than the paper's: read as a rate, not a forecast]"
     for line in projection(paper, [len(c.images) for c in run.clients.values()], split_rate,
-                           sample_rate):
+                           sample_rate, once):
         print(line + note)
 
 
