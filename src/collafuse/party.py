@@ -76,7 +76,7 @@ class Party:
         digest = hashlib.sha256(f"{self.seed}:{purpose}:{seed}".encode()).digest()
         return self.place.generator(int.from_bytes(digest[:4], "big"))
 
-    def _predict(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_hat in fp32 on x_t's device: the model runs on the party's device (callers such
         as the audit may pass host tensors; training passes device tensors, and nothing moves)."""
         with self.place.autocast():
@@ -84,11 +84,11 @@ class Party:
         return eps.float().to(x_t.device)
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._predict(self.net, x_t, t)
+        return self.predict(self.net, x_t, t)
 
     def _sampling_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noise predictor used for generation: the EMA weights where kept."""
-        return self._predict(self.ema.model if self.ema else self.model, x_t, t)
+        return self.predict(self.ema.model if self.ema else self.model, x_t, t)
 
     def _noise(self, shape) -> torch.Tensor:
         """Standard normal noise on the device, from the party's noise generator."""

@@ -56,7 +56,7 @@ def _server_model(server):
     It runs on the server's device and takes and returns host tensors, as the attacks use."""
     net = server.ema.model if server.ema else server.model
     net.eval()
-    return lambda x, t: server._predict(net, x, t)
+    return lambda x, t: server.predict(net, x, t)
 
 
 def replay_message(protocol: str, client, idx: torch.Tensor, generator: torch.Generator):

@@ -20,8 +20,8 @@ Message types handled:
 node's images, any format ``collafuse.data.load_images`` reads; ``cfg.data.intensity`` and
 ``cfg.data.max_images_per_client`` are applied here), ``state-dir``, optional ``out-dir``
 (default ``<state-dir>/samples``), optional ``device`` (where this node computes: auto, cpu,
-cuda, cuda:N, mps; default the run config's ``run.device``; a hospital on a CPU can serve a
-server on a GPU, messages travel as host arrays). In the simulation engine nodes have only
+cuda, cuda:N, mps; default auto, the node's own GPU if it has one, whatever ``run.device`` the
+server computes on: messages travel as host arrays). In the simulation engine nodes have only
 ``partition-id``; the run config's ``sim-clients`` (comma-separated ids, in order) and
 ``sim-state-dir`` then name the client, and its images are its partition of
 ``cfg.data.path`` exactly as the in-process engine makes it.
@@ -119,9 +119,9 @@ def _load_client(msg: Message, context: Context):
 
     cfg, meta, cid, state_dir, data_path, out_dir, progress = _config_and_identity(msg, context)
     # The secret stays on this node's disk; the server never sees it or anything it is made from.
-    device = context.node_config.get("device") or None
+    device = str(context.node_config.get("device") or "auto")  # the node's choice, not the server's
     client = make_client(cfg, cid, _images(cfg, cid, data_path), client_secret(state_dir, cid),
-                         device=str(device) if device else None)
+                         device=device)
     if (state_dir / STATE_FILE).is_file():
         client.load(state_dir / STATE_FILE)
     return client, meta, cid, state_dir, out_dir, progress
