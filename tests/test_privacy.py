@@ -1,6 +1,8 @@
 """Privacy audit: the attacks do what they claim, the accounting matches closed forms."""
 
 import math
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEFAULT_DATA
 
-from collafuse.data import to_model
+from collafuse.data import ImageSet, to_model
 from collafuse.diffusion import add_noise, handover_view, make_scheduler
 from collafuse.privacy import accounting, attacks
 from collafuse.messages import decode, encode
@@ -62,18 +64,136 @@ def test_averaging_fresh_noise_converges_to_the_image(mri):
     assert rows[-1]["mse"] <= 1.1 * rows[-1]["mse_theory"]
 
 
-def test_tweedie_with_an_ideal_model_beats_the_raw_view(mri):
-    """The denoising attack is only as good as the model: with the true noise as 'model' it is
-    exact, and the re-noised view estimate stays finite and in range."""
+def test_tweedie_with_the_true_noise_as_model_is_exact(mri):
     scheduler, msg = sent("shared-noise", mri[:16], 60)
     oracle = lambda x, t: msg.eps
     assert attacks.scores(attacks.tweedie_estimate(oracle, scheduler, msg.x_t, msg.t),
                           mri[:16])["mse"] < 1e-8
-    _, views = sent("noisy-data", mri[:16], 60)
-    zero = lambda x, t: torch.zeros_like(x)
-    est = attacks.tweedie_from_view(zero, scheduler, views.views, 60,
-                                    torch.Generator().manual_seed(0), num_draws=2)
-    assert est.shape == mri[:16].shape and float(est.abs().max()) <= 1.0
+
+
+@pytest.mark.parametrize("num_timesteps,cut", [(20, 4), (100, 60)])
+def test_tweedie_with_the_bayes_optimal_model_beats_the_raw_view_by_the_expected_gap(
+        num_timesteps, cut):
+    """x0 ~ N(m, v) per pixel: E[eps | x_t] = sigma_t (x_t - alpha_t m) / (alpha_t^2 v + sigma_t^2)
+    (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)), so the model's quality is known.
+
+    Re-noising y = a x0 + b xi to x_s = a_s y + b_s eta (a_s a = alpha_s, a_s^2 b^2 + b_s^2 =
+    sigma_s^2) and taking Tweedie x^ = m + k (x_s - alpha_s m), k = alpha_s v / (alpha_s^2 v +
+    sigma_s^2), averaged over K draws of eta, has MSE
+    (1 - k alpha_s)^2 v + k^2 (a_s^2 b^2 + b_s^2 / K).
+    The raw view estimate clip(y / a) has MSE E[(clip(x0 + (b / a) z) - x0)^2] (by Monte Carlo).
+    Not a law for every cut: re-noising costs b_s^2, and at s = 1 of T = 20 the raw view wins.
+    """
+    m, v, draws, scheduler = 0.3, 0.25 ** 2, 8, make_scheduler(num_timesteps)
+    abar = scheduler.alphas_cumprod.double()
+
+    def bayes_eps(x_t, t):
+        alpha, sigma = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        return (sigma * (x_t - alpha * m) / (alpha ** 2 * v + sigma ** 2)).float()
+
+    g = torch.Generator().manual_seed(0)
+    x0 = m + v ** 0.5 * torch.randn((256, 1, 32, 32), generator=g)
+    a, b = float(abar[cut - 1].sqrt()), float((1 - abar[cut - 1]).sqrt())
+    views = a * x0 + b * torch.randn(x0.shape, generator=g)
+    tweedie = attacks.tweedie_from_view(bayes_eps, scheduler, views, cut, g, num_draws=draws)
+    raw = attacks.view_estimate(scheduler, views, cut)
+
+    alpha2, sigma2 = float(abar[cut]), float(1 - abar[cut])
+    k = alpha2 ** 0.5 * v / (alpha2 * v + sigma2)
+    a_s2 = float(abar[cut] / abar[cut - 1])
+    mse_tweedie = (1 - k * alpha2 ** 0.5) ** 2 * v + k ** 2 * (a_s2 * b * b + (1 - a_s2) / draws)
+    rng = np.random.default_rng(1)
+    x = m + v ** 0.5 * rng.standard_normal(4_000_000)
+    mse_raw = float(np.mean((np.clip(x + b / a * rng.standard_normal(len(x)), -1, 1) - x) ** 2))
+    gap_db = 10 * math.log10(mse_raw / mse_tweedie)
+    assert gap_db > 1.5  # the claim has teeth at both cuts
+    measured_tweedie = attacks.scores(tweedie, x0)["mse"]
+    measured_raw = attacks.scores(raw, x0)["mse"]
+    assert measured_tweedie == pytest.approx(mse_tweedie, rel=0.02)
+    assert measured_raw == pytest.approx(mse_raw, rel=0.02)
+    assert 10 * math.log10(measured_raw / measured_tweedie) == pytest.approx(gap_db, abs=0.15)
+
+
+def legacy_views(scheduler, images, cut, seed):
+    """Views as the old client made them: xi for all its images at once, in image order, from
+    torch.Generator().manual_seed(party_seed(cfg, "client:<id>") + 1)."""
+    xi = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    return handover_view(scheduler, images, xi, cut)
+
+
+@pytest.mark.parametrize("cut", [20, 60, 90])
+def test_seed_replay_undoes_views_whose_noise_came_from_the_config(mri, tiny_config, cut):
+    from collafuse.factory import party_seed
+    from collafuse.privacy.audit import replay_seeds
+
+    cfg, scheduler, images = tiny_config(), make_scheduler(100), mri[:48]
+    seeds = replay_seeds(cfg)
+    received = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:16]
+    views = legacy_views(scheduler, images, cut, party_seed(cfg, "client:HT") + 1)[received]
+    secret = int.from_bytes(os.urandom(8), "little")
+    secret_views = legacy_views(scheduler, images, cut, secret)[received]
+    plain = attacks.scores(attacks.view_estimate(scheduler, secret_views, cut), images[received])
+    # tol = inf: the high-frequency-energy test alone must decide, without the range check
+    for tol in (1e-3, math.inf):
+        estimate, found = attacks.seed_replay(scheduler, views, cut, len(images), seeds, tol)
+        assert bool(found.all()) and attacks.scores(estimate, images[received])["psnr"] > 60
+        estimate, found = attacks.seed_replay(scheduler, secret_views, cut, len(images), seeds,
+                                              tol)
+        assert not bool(found.any())
+        assert attacks.scores(estimate, images[received])["psnr"] <= plain["psnr"] + 1
+
+
+@pytest.mark.parametrize("share,claimed", [(0.9, True), (0.6, False)])
+def test_seed_replay_claims_a_seed_only_if_it_removes_over_half_the_noise(mri, share, claimed):
+    """xi = c xi_seed + sqrt(1 - c^2) z leaves residual noise of variance (1 - c)^2 + 1 - c^2
+    = 2 - 2c after subtracting xi_seed: less than half of y's (1) only for c > 3/4."""
+    scheduler, images, cut = make_scheduler(100), mri[:32], 60
+    xi_seed = torch.randn(images.shape, generator=torch.Generator().manual_seed(7))
+    z = torch.randn(images.shape, generator=torch.Generator().manual_seed(8))
+    views = handover_view(scheduler, images, share * xi_seed + (1 - share ** 2) ** 0.5 * z, cut)
+    _, found = attacks.seed_replay(scheduler, views, cut, len(images), [7], tol=math.inf)
+    assert bool(found.all()) if claimed else not bool(found.any())
+
+
+def test_replay_seeds_are_what_the_config_gives_away(tiny_config):
+    from collafuse.factory import party_seed
+    from collafuse.privacy.audit import replay_seeds
+
+    cfg = tiny_config()
+    seeds = replay_seeds(cfg, offsets=range(0, 2))
+    # run seed 0, server, server:init, client:DU(:init), client:HT(:init); + 0 and + 1 each
+    expected = {0, 1}
+    for name in ("server", "server:init", "client:DU", "client:DU:init", "client:HT",
+                 "client:HT:init"):
+        expected |= {party_seed(cfg, name), party_seed(cfg, name) + 1}
+    assert set(seeds) == expected and seeds == sorted(seeds)
+
+
+def test_mean_image_baseline_and_gains(mri):
+    targets, reference = mri[:8], mri[8:40]
+    mse = float(((targets.double() - reference.double().mean(0)) ** 2).mean())
+    base = attacks.mean_image_baseline(targets, reference)
+    assert base["mse"] == pytest.approx(mse, rel=1e-9)
+    per_image = ((targets.double() - reference.double().mean(0)) ** 2).flatten(1).mean(1)
+    assert base["psnr"] == pytest.approx(float((10 * torch.log10(4 / per_image)).mean()))
+    assert attacks.mean_image_baseline(mri[:1], mri[:1])["psnr"] == math.inf
+
+    from collafuse.privacy.audit import gains
+    row = {"base_psnr": 20.0, "a_psnr": 25.0, "b_psnr": 18.0, "c_psnr_k64": 30.0, "b_ssim": 0.3}
+    assert gains(row) == {"a_gain_db": 5.0, "b_gain_db": -2.0, "c_gain_db_k64": 10.0}
+
+
+def test_nonmembers_are_same_hospital_patients_where_the_run_has_them():
+    from collafuse.privacy.audit import SAME_HOSPITAL, nonmember_set
+
+    own, other = (ImageSet(np.full((n, 4, 4), n, np.uint8)) for n in (3, 5))
+    cfg = SimpleNamespace(data=SimpleNamespace(holdout_sites=["CS"]))
+    run = SimpleNamespace(cfg=cfg, holdout=other,
+                          client_holdout={"DU": own, "HT": ImageSet(np.zeros((0, 4, 4), np.uint8))})
+    assert nonmember_set(run, "DU") == (own, SAME_HOSPITAL)
+    assert nonmember_set(run, "HT") == (other, "other hospitals")
+    legacy_run = SimpleNamespace(cfg=cfg, holdout=other)
+    assert nonmember_set(legacy_run, "DU") == (other, "other hospitals")
 
 
 def test_auc_and_tpr_are_rank_based():
@@ -146,24 +266,49 @@ def test_analytic_epsilon_never_exceeds_the_classic_bound(sigma):
     assert 0 < accounting.analytic_gaussian_epsilon(delta, sigma, 1.0) <= classic
 
 
-def test_view_accounting_per_cut():
-    scheduler = make_scheduler(100)
-    d = 32 * 32
-    a, b = attacks.handover_signal(scheduler, 60)
-    acc = accounting.view_privacy(scheduler, 60, d)
-    assert acc["snr"] == pytest.approx(a * a / (b * b))
-    assert acc["snr_db"] == pytest.approx(10 * math.log10(a * a / (b * b)))
-    assert acc["epsilon_pixel"] == pytest.approx(
-        accounting.analytic_gaussian_epsilon(1e-5, b, 2 * a))
-    assert acc["epsilon_image"] > acc["epsilon_pixel"]
+def _analytic_epsilon_by_hand(delta, sigma, sensitivity):
+    """Balle & Wang 2018, Thm 8, written out with scipy.stats.norm and solved with brentq:
+    delta(eps) = Phi(r/2 - eps/r) - e^eps Phi(-r/2 - eps/r), r = sensitivity / sigma."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    r = sensitivity / sigma
+
+    def excess(eps):
+        return norm.cdf(r / 2 - eps / r) - math.exp(eps + norm.logcdf(-r / 2 - eps / r)) - delta
+
+    return brentq(excess, 0.0, 1e6, xtol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cut", [20, 60, 90])
+def test_view_accounting_matches_closed_forms_computed_apart(cut):
+    from scipy.stats import norm
+
+    scheduler, d, delta = make_scheduler(100), 32 * 32, 1e-5
+    abar = float(scheduler.alphas_cumprod[cut - 1])  # the view is at level s - 1
+    a, b = math.sqrt(abar), math.sqrt(1 - abar)
+    acc = accounting.view_privacy(scheduler, cut, d, delta)
+    assert acc["snr_db"] == pytest.approx(10 * math.log10(abar / (1 - abar)), rel=1e-9)
+    assert acc["epsilon_pixel"] == pytest.approx(_analytic_epsilon_by_hand(delta, b, 2 * a),
+                                                 rel=1e-6)
+    assert acc["epsilon_image"] == pytest.approx(
+        _analytic_epsilon_by_hand(delta, b, 2 * a * math.sqrt(d)), rel=1e-6)
+    mu = 2 * a * math.sqrt(d) / b
+    assert acc["max_tpr_at_1pct_image"] == pytest.approx(norm.cdf(norm.ppf(0.01) + mu), rel=1e-9)
+
+
+def test_view_accounting_edges_and_order():
+    scheduler, d = make_scheduler(100), 32 * 32
     # more server steps (a lower cut) = a cleaner view = a larger epsilon
-    eps = [accounting.view_privacy(scheduler, s, d)["epsilon_pixel"] for s in (20, 40, 60, 80)]
+    eps = [accounting.view_privacy(scheduler, s, d)["epsilon_image"] for s in (20, 40, 60, 80)]
     assert eps == sorted(eps, reverse=True)
     assert math.isinf(accounting.view_privacy(scheduler, 0, d)["epsilon_image"])
     assert accounting.view_privacy(scheduler, 100, d)["epsilon_image"] == 0.0
     shared = accounting.protocol_privacy("shared-noise", scheduler, 60, d)
     assert math.isinf(shared["epsilon_image"]) and math.isinf(shared["epsilon_pixel"])
     assert "infinite" in accounting.explain("shared-noise", 60, 100, shared)
+    noisy = accounting.explain("noisy-data", 60, 100, accounting.view_privacy(scheduler, 60, d))
+    assert "no guarantee about an image" in noisy and "secret" in noisy
 
 
 def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
@@ -177,13 +322,22 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     rows = load_privacy_rows(tmp_path)
     assert {(r["client"], r["protocol"], r["trained"]) for r in rows} == {
         (c, p, p == "noisy-data") for c in ("DU", "HT") for p in ("shared-noise", "noisy-data")}
+    from collafuse.privacy.audit import R_NOT_NEEDED, SAME_HOSPITAL
     for r in rows:
+        assert 0 < r["base_psnr"] < 40 and r["nonmembers"] in (SAME_HOSPITAL, "other hospitals")
+        assert r["a_gain_db"] == pytest.approx(r["a_psnr"] - r["base_psnr"])
         if r["protocol"] == "shared-noise":
             assert r["a_psnr"] > 60 and math.isinf(r["epsilon_image"])
+            assert r["r_method"] == R_NOT_NEEDED and math.isnan(r.get("r_psnr", math.nan))
         else:
             assert r["a_psnr"] < 20 and 0 < r["epsilon_pixel"] < math.inf
             assert r["c_psnr_k64"] > r["c_psnr_k1"] and 0 <= r["d_auc"] <= 1
-    assert "| 0.5 | 10 | noisy-data | trained |" in (tmp_path / "privacy.md").read_text()
+            assert r["c_gain_db_k64"] == pytest.approx(r["c_psnr_k64"] - r["base_psnr"])
+            # the client's views come from its secret: nothing to replay
+            assert r["r_recovered"] == 0.0 and r["r_gain_db"] < 20
+    md = (tmp_path / "privacy.md").read_text()
+    assert "| 0.5 | 10 | noisy-data | trained |" in md
+    assert "(untrained " in md and "n/a: exact from eps" in md
     assert (tmp_path / "privacy.csv").read_text().startswith("run,cut_ratio")
     assert main(["audit", str(tmp_path / "nothing")]) == 2
 
@@ -191,6 +345,6 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     results = [{"protocol": "noisy-data", "cut_ratio": 0.5, "client": c, "kid_train": 0.1,
                 "kid_holdout": 0.2} for c in ("DU", "HT")]
     table = tradeoff_markdown(rows, results, tmp_path)
-    assert "| 0.5 | noisy-data | trained | 0.1 | 0.2 |" in table
+    assert "| 0.5 | noisy-data | trained | 0.1 | 0.2 |" in table and "(untrained " in table
     assert "| 0.5 | shared-noise | counterfactual | - | - |" in table
     assert (tmp_path / TRADEOFF_FIGURE).stat().st_size > 0

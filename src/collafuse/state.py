@@ -59,8 +59,7 @@ def load_or_create_secret(path: str | Path, nbytes: int = 32) -> bytes:
             raise StateError(f"{path}: expected a {nbytes}-byte secret, found {len(secret)} bytes")
         return secret
     secret = os.urandom(nbytes)
-    with atomic_path(path) as tmp:
-        os.chmod(tmp, 0o600)
+    with atomic_path(path) as tmp:  # mkstemp makes it owner-only (0600) before a byte is in it
         tmp.write_bytes(secret)
     return secret
 

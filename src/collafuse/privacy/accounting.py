@@ -3,9 +3,14 @@
 Under noisy-data each image goes out once as y = a x0 + b xi with x0 in [-1, 1]^d,
 a = sqrt(abar_{s-1}), b = sqrt(1 - abar_{s-1}), xi ~ N(0, I): a Gaussian mechanism with noise
 sigma = b. Replacing one image by any other moves the mean a x0 by at most 2a sqrt(d) in L2
-(image level) and one pixel by at most 2a (pixel level). Every later epoch re-sends the same y,
-which is post-processing and costs nothing more. Under shared-noise the server also receives
-the noise and recovers x0 exactly: epsilon is infinite. With s = T nothing is sent: epsilon 0.
+(image level: the guarantee that applies to an image). Changing one pixel alone moves it by at
+most 2a (the "per pixel" figure); that is no guarantee about an image, whose pixels are
+correlated, so neighbouring pixels give a pixel away. Every later epoch re-sends the same y,
+which is post-processing and costs nothing more. All of this holds only while xi is the
+client's secret: noise the server can regenerate (a seed derived from the run's config) makes
+the release deterministic and x0 = (y - b xi) / a exact (attacks.seed_replay). Under
+shared-noise the server also receives the noise and recovers x0 exactly: epsilon is infinite.
+With s = T nothing is sent: epsilon 0.
 
 The exact (epsilon, delta) curve is the analytic Gaussian mechanism of Balle & Wang 2018
 (Theorem 8); the same mechanism is mu-Gaussian DP with mu = Delta / sigma (Dong, Roth & Su 2022),
@@ -70,9 +75,11 @@ def max_tpr_at_fpr(mu: float, fpr: float) -> float:
 
 def view_privacy(scheduler: DDPMScheduler, cut: int, num_pixels: int,
                  delta: float = DEFAULT_DELTA) -> dict[str, float]:
-    """(eps, delta) of one noisy-data view per image, image-level and per pixel, plus the SNR.
+    """(eps, delta) of one noisy-data view per image, plus the SNR a^2/b^2 of the view.
 
-    Image level: sensitivity 2a sqrt(d); per pixel: 2a; noise sigma = b. SNR per pixel = a^2/b^2.
+    Image level (the guarantee): sensitivity 2a sqrt(d). "Per pixel": sensitivity 2a, the
+    epsilon if one pixel alone could change; a reference figure, not a guarantee about an
+    image (pixels are correlated). Noise sigma = b.
     """
     num_timesteps = scheduler.config.num_train_timesteps
     if cut >= num_timesteps:
@@ -121,17 +128,16 @@ def explain(protocol: str, cut: int, num_timesteps: int, acc: dict[str, float]) 
         return (f"{protocol}, s = {cut}: no privacy at all (epsilon infinite): {why}; every "
                 "training image the server was sent is recovered to float precision.")
     return (f"{protocol}, s = {cut}: each image is sent once as a = {acc['signal_a']:.3f} times "
-            f"the image plus noise of std b = {acc['noise_b']:.3f} (per-pixel SNR "
-            f"{acc['snr']:.3g}, {acc['snr_db']:.1f} dB). Per pixel this is "
-            f"({acc['epsilon_pixel']:.3g}, {acc['delta']:g})-DP, "
-            + ("so no single pixel's value can be pinned down. "
-               if acc["epsilon_pixel"] <= 1 else
-               "so single pixels are only partly hidden (epsilon > 1). ")
-            + f"For the whole image it is "
+            f"the image plus noise of std b = {acc['noise_b']:.3f} (SNR {acc['snr']:.3g}, "
+            f"{acc['snr_db']:.1f} dB). For the whole image this is "
             f"({acc['epsilon_image']:.3g}, {acc['delta']:g})-DP, a guarantee that "
             + ("is meaningful (epsilon <= 1): the view hides whether any given image was sent."
                if acc["epsilon_image"] <= 1 else
                "is formally weak: a test telling apart two given images succeeds up to "
                f"{100 * acc['max_tpr_at_1pct_image']:.0f}% of the time at 1% false alarms. "
-               "The image is blurred by noise, not hidden; read the attack PSNR/SSIM for what "
-               "the server can actually see."))
+               "The image is blurred by noise, not hidden; read the attack gains over the "
+               "mean-image baseline for what the server can actually see.")
+            + " All of this assumes xi is the client's secret; noise the server can regenerate "
+            "(seed replay, attack r) gives the images back exactly."
+            + f" (The per-pixel epsilon, {acc['epsilon_pixel']:.3g}, assumes one pixel changes "
+            "alone; pixels are correlated, so it is no guarantee about an image.)")

@@ -12,6 +12,16 @@ attacked; ``run_protocol`` the one the run trained with. Rows with protocol != r
 are counterfactual: the other protocol's messages at the same cut, attacked with the run's
 server model (the reconstruction attacks a-c need nothing else); the model attacks d and e
 are reported only for the protocol the model was trained with.
+
+Beside every reconstruction attack stands the trivial baseline (``base_*``): the mean image of
+the non-member images guessed for every target; ``<attack>_gain_db`` is the attack's PSNR minus
+the baseline's. Non-members (membership d, memorisation e, the baseline) are the client's own
+held-out patients of the same hospital where the run has them (``run.client_holdout``), else
+the run's hold-out set; the row says which in ``nonmembers``.
+
+The seed-replay attack (r) applies to noisy-data rows only: shared-noise messages carry eps,
+so attack a is already exact and r is marked ``r_method = "not needed: exact from eps"``
+with no scores.
 """
 
 from __future__ import annotations
@@ -34,7 +44,10 @@ from . import attacks
 from .accounting import DEFAULT_DELTA, explain, protocol_privacy
 
 AVERAGING_KS = (1, 2, 4, 8, 16, 32, 64)
+REPLAY_OFFSETS = range(-4, 5)  # seed + k: how far the server looks around each derived seed
 FILES = ("privacy.csv", "privacy.json", "privacy.md")
+SAME_HOSPITAL = "same-hospital patients"
+R_NOT_NEEDED = "not needed: exact from eps"
 
 
 def find_runs(path: str | Path) -> list[Path]:
@@ -93,6 +106,57 @@ def attack_message(protocol: str, msg, x0: torch.Tensor, model, scheduler, cut: 
             **{f"b_{k}": v for k, v in attacks.scores(b_est, x0).items()}}
 
 
+def replay_seeds(cfg, client_ids: list[str] | None = None,
+                 offsets=REPLAY_OFFSETS) -> list[int]:
+    """Seeds the server can derive from the run's config alone, for the seed-replay attack.
+
+    The run seed and ``party_seed(cfg, name)`` (collafuse.factory) of every party the server
+    knows of ("server", "server:init", "client:<id>", "client:<id>:init"), each plus k for k in
+    ``offsets``. The client's old view noise came from party_seed(cfg, "client:<id>") + 1.
+    """
+    from ..factory import party_seed
+
+    if client_ids is None:
+        d = cfg.data
+        client_ids = d.clients if d.partition == "site" else [f"client{i}"
+                                                              for i in range(d.num_clients)]
+    names = ["server", "server:init",
+             *(f"client:{cid}{suffix}" for cid in client_ids for suffix in ("", ":init"))]
+    bases = [cfg.run.seed, *(party_seed(cfg, name) for name in names)]
+    return sorted({base + k for base in bases for k in offsets if base + k >= 0})
+
+
+def replay_attack(protocol: str, msg, x0: torch.Tensor, scheduler, cut: int, num_images: int,
+                  seeds: list[int]) -> dict:
+    """Attack (r) on one replayed message: noisy-data views undone by regenerating xi."""
+    if protocol == "shared-noise":
+        return {"r_method": R_NOT_NEEDED}
+    estimate, found = attacks.seed_replay(scheduler, msg.views, cut, num_images, seeds)
+    return {"r_method": f"regenerate xi from {len(seeds)} config-derived seeds",
+            "r_candidates": len(seeds), "r_recovered": float(found.double().mean()),
+            **{f"r_{k}": v for k, v in attacks.scores(estimate, x0).items()}}
+
+
+def gains(row: dict) -> dict:
+    """Each reconstruction attack's PSNR minus the mean-image baseline's, in dB."""
+    base = row["base_psnr"]
+    out = {f"{p}_gain_db": row[f"{p}_psnr"] - base for p in ("a", "b", "r") if f"{p}_psnr" in row}
+    out.update({f"c_gain_db_k{k}": row[f"c_psnr_k{k}"] - base for k in AVERAGING_KS
+                if f"c_psnr_k{k}" in row})
+    return out
+
+
+def nonmember_set(run, cid: str):
+    """The client's own same-hospital held-out patients where the run has them, else the run's
+    hold-out set, with a label saying which (membership AUC against other hospitals is inflated
+    by the site difference)."""
+    own = getattr(run, "client_holdout", {}).get(cid)
+    if own is not None and len(own) > 0:
+        return own, SAME_HOSPITAL
+    label = "other hospitals" if run.cfg.data.holdout_sites else "held-out patients, all hospitals"
+    return run.holdout, label
+
+
 def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
               delta: float = DEFAULT_DELTA, progress: bool = True,
               device: str | None = None) -> list[dict]:
@@ -106,26 +170,30 @@ def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
     cfg, server = run.cfg, run.server
     scheduler, cut, num_timesteps = server.scheduler, server.cut, server.num_timesteps
     model, untrained = _server_model(server), _server_model(make_server(cfg))
-    if len(run.holdout) == 0:
-        raise ValueError(f"{run_dir}: the audit needs hold-out patients as non-members; the run "
-                         "has none (set data.holdout_sites or data.holdout_fraction)")
-    holdout = to_model(run.holdout.images)
     steps = attacks.score_timesteps(cut, num_timesteps)
     num_pixels = int(np.prod(server.image_shape))
-    n_samples = min(num_images, len(holdout))
-    samples = server.generate(SampleRequest(client_id="audit", num_samples=n_samples,
+    samples = server.generate(SampleRequest(client_id="audit", num_samples=num_images,
                                             seed=seed)).x.cpu()
     a_scale, _ = attacks.handover_signal(scheduler, cut)
+    seeds = replay_seeds(cfg, list(run.clients))
     rows = []
     for cid, client in run.clients.items():
         if progress:
             print(f"audit {run_dir.name}: client {cid}", flush=True)
+        reference, nonmember_label = nonmember_set(run, cid)
+        if len(reference) == 0:
+            raise ValueError(f"{run_dir}: the audit needs hold-out patients as non-members; the "
+                             "run has none (set data.holdout_sites or data.holdout_fraction)")
+        reference = to_model(reference.images)
         rng = torch.Generator().manual_seed(seed)
-        n = min(num_images, len(client.images), len(holdout))
+        n = min(num_images, len(client.images))
         idx = torch.randperm(len(client.images), generator=rng)[:n]
-        x0, nonmembers = client.images[idx], holdout[torch.randperm(len(holdout), generator=rng)[:n]]
-        model_rows = _model_attacks(model, untrained, scheduler, steps, x0, nonmembers, samples,
-                                    a_scale, seed)
+        x0 = client.images[idx]
+        m = min(n, len(reference))
+        nonmembers = reference[torch.randperm(len(reference), generator=rng)[:m]]
+        model_rows = _model_attacks(model, untrained, scheduler, steps, x0[:m], nonmembers,
+                                    samples, a_scale, seed)
+        baseline = {f"base_{k}": v for k, v in attacks.mean_image_baseline(x0, reference).items()}
         averaging = attacks.averaging_attack(scheduler, x0, cut, rng, AVERAGING_KS) \
             if cut < num_timesteps else []
         for protocol in (cfg.train.protocol, *[p for p in PROTOCOLS if p != cfg.train.protocol]):
@@ -133,15 +201,19 @@ def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
             row = {"run": str(run_dir), "cut_ratio": cfg.diffusion.cut_ratio, "cut_index": cut,
                    "num_timesteps": num_timesteps, "run_protocol": cfg.train.protocol,
                    "protocol": protocol, "trained": trained, "client": cid, "num_images": n,
-                   "server_steps": server.steps}
+                   "nonmembers": nonmember_label, "num_nonmembers": m,
+                   "server_steps": server.steps, **baseline}
             if cut < num_timesteps:
                 msg = replay_message(protocol, client, idx, rng)
                 if trained:
                     server.check(msg)
                 row.update(attack_message(protocol, msg, x0, model, scheduler, cut, rng))
+                row.update(replay_attack(protocol, msg, x0, scheduler, cut, len(client.images),
+                                         seeds))
             if protocol == "noisy-data":
                 row.update({f"c_psnr_k{r['k']}": r["psnr"] for r in averaging})
                 row.update({f"c_mse_k{r['k']}": r["mse"] for r in averaging})
+            row.update(gains(row))
             if trained:
                 row.update(model_rows)
             acc = protocol_privacy(protocol, scheduler, cut, num_pixels, delta)
@@ -201,7 +273,8 @@ TRADEOFF_FIGURE = "privacy_tradeoff.png"
 
 def tradeoff_rows(privacy_rows: list[dict], results_rows: list[dict]) -> list[dict]:
     """Per cut ratio and protocol: utility (KID of the sweep, mean over clients) next to
-    privacy (the best reconstruction PSNR of attacks a and b, membership AUC, epsilon).
+    privacy (the best reconstruction attack of a, b and r, its gain over the mean-image
+    baseline, membership AUC with its non-member set and untrained control, epsilon).
 
     Only protocols a model was trained with have a KID; counterfactual rows keep it blank.
     """
@@ -209,13 +282,19 @@ def tradeoff_rows(privacy_rows: list[dict], results_rows: list[dict]) -> list[di
     for r in summary(privacy_rows):
         kid = [x for x in results_rows if x["protocol"] == r["protocol"]
                and math.isclose(x["cut_ratio"], r["cut_ratio"])]
+        attack_psnr = _best([r.get(f"{p}_psnr", math.nan) for p in "abr"])
         out.append({
             "cut_ratio": r["cut_ratio"], "protocol": r["protocol"], "trained": r["trained"],
             "kid_train": _mean([x["kid_train"] for x in kid]) if kid else math.nan,
             "kid_holdout": _mean([x["kid_holdout"] for x in kid]) if kid else math.nan,
-            "attack_psnr": max(r.get("a_psnr", math.nan), r.get("b_psnr", math.nan)),
-            "attack_ssim": max(r.get("a_ssim", math.nan), r.get("b_ssim", math.nan)),
+            "baseline_psnr": r.get("base_psnr", math.nan),
+            "baseline_ssim": r.get("base_ssim", math.nan),
+            "attack_psnr": attack_psnr,
+            "attack_gain_db": attack_psnr - r.get("base_psnr", math.nan),
+            "attack_ssim": _best([r.get(f"{p}_ssim", math.nan) for p in "abr"]),
             "mia_auc": r.get("d_auc", math.nan),
+            "mia_auc_untrained": r.get("d_untrained_auc", math.nan),
+            "nonmembers": r.get("nonmembers", ""),
             "epsilon_pixel": r["epsilon_pixel"], "epsilon_image": r["epsilon_image"]})
     return out
 
@@ -227,24 +306,35 @@ def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: P
     lines = ["## Utility against privacy, per cut ratio and protocol", "",
              ("KID: generated images against the clients' training data and against hold-out "
               "patients (lower is better; from the sweep, mean over clients). Attack PSNR: the "
-              "better of attacks a and b (higher = the server sees more). Counterfactual rows: "
-              "the other protocol's messages at the same cut, attacked with this sweep's model; "
-              "no model was trained with them, so no KID."), "",
-             ("| c | protocol | source | KID train | KID hold-out | attack PSNR dB | attack SSIM "
-              "| MIA AUC | eps pixel | eps image |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "best of attacks a, b and r (higher = the server sees more); baseline: guessing "
+              "the non-members' mean image for every training image, without any message; gain "
+              "= attack PSNR - baseline PSNR (at or below 0: the attack tells the server no more "
+              "than the guess). MIA AUC: membership attack d, with the non-member set it was "
+              "measured against and the untrained-model control (a site difference between "
+              "members and non-members inflates it). Counterfactual rows: the other protocol's "
+              "messages at the same cut, attacked with this sweep's model; no model was trained "
+              "with them, so no KID. eps pixel assumes one pixel changes alone: pixels are "
+              "correlated, so only eps image is a guarantee about an image."), "",
+             ("| c | protocol | source | KID train | KID hold-out | baseline PSNR dB | "
+              "attack PSNR dB | gain dB | attack SSIM (baseline) | MIA AUC (untrained; "
+              "non-members) | eps image | eps pixel |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append("| " + " | ".join([
             _fmt(r["cut_ratio"]), r["protocol"], "trained" if r["trained"] else "counterfactual",
-            _fmt(r["kid_train"]), _fmt(r["kid_holdout"]), _fmt(r["attack_psnr"], 4),
-            _fmt(r["attack_ssim"]), _fmt(r["mia_auc"]), _fmt(r["epsilon_pixel"]),
-            _fmt(r["epsilon_image"])]) + " |")
+            _fmt(r["kid_train"]), _fmt(r["kid_holdout"]), _fmt(r["baseline_psnr"]),
+            _fmt(r["attack_psnr"], 4), _gain(r["attack_gain_db"]),
+            f"{_fmt(r['attack_ssim'])} ({_fmt(r['baseline_ssim'])})",
+            _mia_cell(r["mia_auc"], r["mia_auc_untrained"], r["nonmembers"]),
+            _fmt(r["epsilon_image"]), _fmt(r["epsilon_pixel"])]) + " |")
     lines += ["", f"![utility against privacy]({TRADEOFF_FIGURE})", ""]
     return "\n".join(lines)
 
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
     """Left: KID (hold-out) against attack PSNR, a point per cut ratio, a line per protocol.
-    Right: attack PSNR against c for both protocols (counterfactual ones dashed)."""
+    Right: attack PSNR against c for both protocols (counterfactual ones dashed). Both show
+    the mean-image baseline (dotted): points left of / below it disclose less than a guess."""
     from ..evaluation.report import plt, save_figure  # report chose the Agg backend
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -261,6 +351,13 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
                 axes[0].plot(psnr, [r["kid_holdout"] for r in pts], style, label=protocol)
                 for r, x in zip(pts, psnr):
                     axes[0].annotate(f"c={r['cut_ratio']:g}", (x, r["kid_holdout"]), fontsize=7)
+    base = sorted({(r["cut_ratio"], r["baseline_psnr"]) for r in rows
+                   if math.isfinite(r["baseline_psnr"])})
+    if base:
+        axes[1].plot([c for c, _ in base], [p for _, p in base], ":", color="grey",
+                     label="baseline: non-members' mean image")
+        axes[0].axvline(_mean([p for _, p in base]), linestyle=":", color="grey",
+                        label="baseline: non-members' mean image")
     axes[0].set_xlabel("attack PSNR, dB (higher = more disclosed)")
     axes[0].set_ylabel("KID against hold-out (lower = better images)")
     axes[1].set_xlabel("cut ratio c")
@@ -294,6 +391,8 @@ def summary(rows: list[dict]) -> list[dict]:
                     "cut_index": group[0]["cut_index"],
                     **{k: _mean([r.get(k, math.nan) for r in group]) for k in sorted(numeric)
                        if k not in ("cut_ratio", "cut_index")},
+                    **{k: "; ".join(sorted({r[k] for r in group if k in r}))
+                       for k in ("nonmembers", "r_method")},
                     "explanation": group[0]["explanation"]})
     return out
 
@@ -306,6 +405,12 @@ def _mean(values) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _best(values) -> float:
+    """The largest value, ignoring missing (nan) ones; nan if all are missing."""
+    present = [v for v in values if not math.isnan(v)]
+    return max(present) if present else math.nan
+
+
 def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -316,35 +421,72 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _gain(value: float) -> str:
+    """A gain in dB with its sign ('-' when missing)."""
+    if math.isnan(value):
+        return "-"
+    return _fmt(value) if math.isinf(value) else f"{value:+.3g}"
+
+
+def _with_gain(psnr: float, gain: float) -> str:
+    return "-" if math.isnan(psnr) else f"{_fmt(psnr, 4)} ({_gain(gain)})"
+
+
+def _mia_cell(auc: float, untrained: float, nonmembers: str) -> str:
+    """Membership AUC never without its caveats: the untrained control and the non-members."""
+    if math.isnan(auc):
+        return "-"
+    return f"{_fmt(auc)} (untrained {_fmt(untrained)}; vs {nonmembers or '?'})"
+
+
+def _replay_cell(r: dict) -> str:
+    if r.get("r_method") == R_NOT_NEEDED:
+        return "n/a: exact from eps"
+    return _with_gain(r.get("r_psnr", math.nan), r.get("r_gain_db", math.nan))
+
+
 def to_markdown(rows: list[dict]) -> str:
     """The short privacy.md: one line per cut ratio and protocol (mean over clients)."""
     lines = [
         "# Privacy audit: what the server can learn",
         "",
-        ("Mean over clients. a: reconstruction from the messages alone (shared-noise: exact "
+        ("Mean over clients. Every reconstruction attack is shown as PSNR (gain over the "
+         "baseline, dB). Baseline: guess the non-members' mean image for every training image, "
+         "without any message; a gain at or below 0 means the attack tells the server nothing a "
+         "guess would not. a: reconstruction from the messages alone (shared-noise: exact "
          "inversion of x_t, t, eps; noisy-data: the view y / sqrt(abar_{s-1})). b: the server's "
          "model as a one-step Tweedie denoiser. c: averaging k views with fresh noise per epoch "
-         "(what noisy-data would leak if it re-drew its noise). d: loss-based membership "
-         "inference, training clients' images vs hold-out patients (untrained-model control in "
-         "brackets). e: fraction of the server's hand-over samples nearer to training than to "
-         "hold-out images. PSNR/SSIM against the true images; epsilon at the listed delta. "
+         "(what noisy-data would leak if it re-drew its noise). r: seed replay, regenerating the "
+         "view noise from seeds derivable from the run's config (what noisy-data leaks if its "
+         "noise is not a client secret; shared-noise sends eps, so it is not needed there). d: "
+         "loss-based membership inference, training images vs the listed non-members (AUC 0.5 is "
+         "chance; the untrained model is the control; non-members from other hospitals inflate "
+         "the AUC by the site difference). e: fraction of the server's hand-over samples nearer "
+         "to training than to non-member images. PSNR/SSIM against the true images; epsilon at "
+         "the listed delta (per pixel: not a guarantee about an image, pixels are correlated). "
          "'counterfactual' rows attack the other protocol's messages at the same cut with this "
          "run's server model; d and e need a model trained under that protocol and are left "
          "blank."),
         "",
-        ("| c | s | protocol | source | a PSNR dB | b PSNR dB | b SSIM | c PSNR k=1 / 64 | "
-         "d AUC (untrained) | d TPR@1%FPR | e nearer train | eps image | eps pixel | SNR dB |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| c | s | protocol | source | baseline PSNR dB (SSIM) | a PSNR dB (gain) | "
+         "b PSNR dB (gain) | b SSIM | c PSNR k=1 / 64 (gain k=64) | r PSNR dB (gain) | "
+         "d AUC (untrained; non-members) | d TPR@1%FPR | e nearer train | eps image | "
+         "eps pixel | SNR dB |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary(rows):
         nan = math.nan
         lines.append("| " + " | ".join([
             _fmt(r["cut_ratio"]), str(r["cut_index"]), r["protocol"],
             "trained" if r["trained"] else "counterfactual",
-            _fmt(r.get("a_psnr", nan), 4), _fmt(r.get("b_psnr", nan), 4),
+            f"{_fmt(r.get('base_psnr', nan), 4)} ({_fmt(r.get('base_ssim', nan))})",
+            _with_gain(r.get("a_psnr", nan), r.get("a_gain_db", nan)),
+            _with_gain(r.get("b_psnr", nan), r.get("b_gain_db", nan)),
             _fmt(r.get("b_ssim", nan)),
-            f"{_fmt(r.get('c_psnr_k1', nan), 4)} / {_fmt(r.get('c_psnr_k64', nan), 4)}",
-            f"{_fmt(r.get('d_auc', nan))} ({_fmt(r.get('d_untrained_auc', nan))})",
+            f"{_fmt(r.get('c_psnr_k1', nan), 4)} / "
+            + _with_gain(r.get("c_psnr_k64", nan), r.get("c_gain_db_k64", nan)),
+            _replay_cell(r),
+            _mia_cell(r.get("d_auc", nan), r.get("d_untrained_auc", nan), r["nonmembers"]),
             _fmt(r.get("d_tpr_at_fpr", nan)), _fmt(r.get("e_frac_nearer_train", nan)),
             _fmt(r["epsilon_image"]), _fmt(r["epsilon_pixel"]), _fmt(r["snr_db"])]) + " |")
     lines += ["", "## What the numbers mean", ""]
