@@ -6,12 +6,19 @@ step. The two are measured in alternating blocks in one process, so machine nois
 alike, and the ratio CollaFuse / plain is printed (goal: >= 0.95, i.e. the split costs nothing
 beyond the arithmetic it moves).
 
-    python benchmarks/train_throughput.py [--blocks 4] [--rounds 5] [--preset small]
+    python benchmarks/train_throughput.py [--blocks 4] [--rounds 5] [--warmup 20] [--preset small]
+
+The split gives every party a batch of random size (how many images fall on each side of the
+cut), so a CPU compiles convolution kernels for each new size once (see
+collafuse.device.CPU_KERNEL_CACHE); a run of hundreds of rounds meets its sizes early, so the
+measurement starts after --warmup rounds. Run with ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 to see
+oneDNN's default cache, which never stops recompiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 
 from collafuse.config import load_config
 from collafuse.data import to_model
+from collafuse.device import enlarge_cpu_kernel_cache
 from collafuse.diffusion import make_scheduler
 from collafuse.engines.local import Run
 from collafuse.factory import load_client_data
@@ -64,7 +72,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="CollaFuse rounds per block")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=20, help="CollaFuse rounds before timing")
     args = parser.parse_args()
+    enlarge_cpu_kernel_cache()  # as the collafuse command does, before any convolution
     cfg = load_config("configs/quickstart.toml", [
         "diffusion.cut_ratio=0.5", f"model.preset={args.preset}",
         f"train.batch_size={args.batch_size}", "train.ema_decay=0.0"])
@@ -72,7 +82,7 @@ def main() -> None:
     union = torch.cat([to_model(c.images) for c in clients.values()])
     plain = plain_loop(union, args.preset, args.batch_size, cfg.diffusion.num_timesteps)
     split = collafuse_rounds(cfg)
-    timed(plain, 2), timed(split, 1)  # warm-up: allocator and oneDNN caches
+    timed(plain, 2), timed(split, args.warmup)  # warm-up: allocator and oneDNN caches
     # the plain loop takes as many steps per block as CollaFuse has images per block
     plain_steps = args.rounds * len(clients)
     rates = {"plain": [], "collafuse": []}
@@ -84,7 +94,8 @@ def main() -> None:
     plain_rate = sum(rates["plain"]) / args.blocks
     split_rate = sum(rates["collafuse"]) / args.blocks
     print(f"preset {args.preset}, batch {args.batch_size}, {len(clients)} clients, c = 0.5, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, warm-up {args.warmup} rounds, oneDNN cache "
+          f"{os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}")
     print(f"plain diffusers loop: {plain_rate:.1f} images/s")
     print(f"CollaFuse in-process: {split_rate:.1f} images/s")
     print(f"ratio CollaFuse / plain: {split_rate / plain_rate:.3f} (goal >= 0.95)")

@@ -3,8 +3,17 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from collafuse.config import load_config
+
+# Tests compare runs bit for bit; on a GPU machine (run.device = "auto" trains there) that needs
+# cuDNN's deterministic kernels, and the plain attention kernel (the fused ones may accumulate
+# gradients in a varying order). No effect on the CPU.
+torch.backends.cudnn.deterministic = True
+if torch.cuda.is_available():
+    for fused_attention in ("flash", "mem_efficient", "cudnn"):
+        getattr(torch.backends.cuda, f"enable_{fused_attention}_sdp")(False)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "lgg_flair_32.npz"

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from collafuse.config import load_config
+from collafuse.config import ConfigError, load_config
 from collafuse.engines.local import run_training
 from collafuse.evaluation.costs import CostMeter
 from collafuse.evaluation.report import FIGURES, REPORT, findings
@@ -120,3 +120,28 @@ def test_shipped_sweep_configs_load(path):
     cfg = load_config(REPO / path)
     assert cfg.sweep.cut_ratios == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert np.isfinite(cfg.train.lr)
+
+
+def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
+    """--train-only trains and evaluates nothing; --evaluate-only evaluates finished runs,
+    wherever they ran (run.device is no part of a run's identity), and trains nothing."""
+    import collafuse.evaluation.report as report
+    import collafuse.evaluation.sweep as sweep
+
+    evaluated = []
+    monkeypatch.setattr(sweep, "evaluate_cut", lambda cfg, run_dir, cache, progress:
+                        evaluated.append((cfg.run.device, run_dir.name)) or [])
+    monkeypatch.setattr(report, "write_report", lambda out: None)
+    cfg = _sweep_config(**{"run.device": '"cpu"'})
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match="no finished training run"):
+        run_sweep(cfg, out, progress=False, train=False)
+    run_sweep(cfg, out, progress=False, evaluate=False)
+    assert evaluated == [] and not (out / "results.json").exists()
+    stamps = [(cut_dir(out, c) / "checkpoint.pt").stat().st_mtime_ns for c in (0.0, 0.5)]
+    elsewhere = _sweep_config(**{"run.device": '"auto"'})
+    run_sweep(elsewhere, out, progress=False, train=False)
+    assert evaluated == [("auto", "c=0"), ("auto", "c=0.5")]
+    assert stamps == [(cut_dir(out, c) / "checkpoint.pt").stat().st_mtime_ns for c in (0.0, 0.5)]
+    with pytest.raises(ConfigError, match="another config"):
+        run_sweep(_sweep_config(**{"train.lr": 0.01}), out, progress=False, train=False)

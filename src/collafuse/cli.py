@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     exit status 1 (set COLLAFUSE_TRACEBACK=1 to see the traceback)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    from .device import enlarge_cpu_kernel_cache
+
+    enlarge_cpu_kernel_cache()  # before any convolution runs
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warnings(previous)
     try:
@@ -81,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(train)
     train.add_argument("--out", type=Path, help="run folder (default runs/<run.name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_device(train)
     train.set_defaults(func=_train)
 
     sample = commands.add_parser("sample", help="split inference from a trained run")
@@ -88,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, help="per client")
     sample.add_argument("--seed", type=int)
     sample.add_argument("--out", type=Path, help="folder for the grids (default RUN_DIR)")
+    _add_device(sample, "the run's run.device")
     sample.set_defaults(func=_sample)
 
     audit = commands.add_parser("audit", help="what the server can learn: attacks and "
@@ -97,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("-n", "--num-images", type=int, default=128,
                        help="images per client attacked (and hold-out images compared)")
     audit.add_argument("--seed", type=int, default=0)
+    _add_device(audit, "each run's run.device")
     audit.set_defaults(func=_audit)
 
     sweep = commands.add_parser("sweep", help="train and evaluate every cut ratio: KID, "
@@ -105,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(sweep)
     sweep.add_argument("--out", type=Path, help="sweep folder (default runs/<run.name>-sweep); "
                        "rerun with the same --out to continue an interrupted sweep")
+    _add_device(sweep)
+    stage = sweep.add_mutually_exclusive_group()
+    stage.add_argument("--train-only", action="store_true", help="train every cut ratio, "
+                       "evaluate nothing (e.g. on a GPU machine without the Inception weights)")
+    stage.add_argument("--evaluate-only", action="store_true", help="evaluate the finished "
+                       "runs in --out, trained here or elsewhere; train nothing")
     sweep.set_defaults(func=_sweep)
 
     data = commands.add_parser("data", help="prepare and inspect data sets")
@@ -141,6 +153,19 @@ def _add_layout(parser: argparse.ArgumentParser) -> None:
         "skip/class, site/patient")
 
 
+def _add_device(parser: argparse.ArgumentParser, default: str = "run.device") -> None:
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: "
+                        f"{default}; auto: cuda if available, else cpu)")
+
+
+def _load_config(args):
+    """The command's config with its --set overrides and --device applied."""
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"run.device={_toml_string(args.device)}")
+    return load_config(args.config, overrides)
+
+
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config field (repeatable)")
@@ -149,7 +174,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 def _train(args) -> None:
     from .engines.local import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     out = args.out or Path("runs") / cfg.run.name
     run = run_training(cfg, out, resume=args.resume)
     print(f"run folder: {out}")
@@ -160,7 +185,7 @@ def _train(args) -> None:
 def _sample(args) -> None:
     from .engines.local import load_run, write_samples
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, device=args.device)
     out = args.out or args.run_dir
     for cid, path in write_samples(run, out, args.num_samples, args.seed).items():
         print(f"samples of {cid}: {path}")
@@ -171,7 +196,7 @@ def _audit(args) -> None:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images: expected an integer >= 1, got {args.num_images}")
-    audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed)
+    audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed, device=args.device)
     out = args.out or args.run_dir
     print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json)")
 
@@ -179,10 +204,13 @@ def _audit(args) -> None:
 def _sweep(args) -> None:
     from .evaluation.sweep import run_sweep
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     out = args.out or Path("runs") / f"{cfg.run.name}-sweep"
-    run_sweep(cfg, out)
-    print(f"sweep folder: {out} (results.csv, results.json, report.md)")
+    run_sweep(cfg, out, train=not args.evaluate_only, evaluate=not args.train_only)
+    if args.train_only:
+        print(f"sweep folder: {out} (trained; evaluate with --evaluate-only)")
+    else:
+        print(f"sweep folder: {out} (results.csv, results.json, report.md)")
 
 
 def _data_prepare(args) -> None:

@@ -30,10 +30,13 @@ SECRET_BYTES = 32  # os.urandom bytes of a client's secret
 class Client(Party):
     def __init__(self, client_id: str, images: torch.Tensor, model: torch.nn.Module,
                  scheduler, cut: int, protocol: str, batch_size: int, lr: float,
-                 seed: int, secret: bytes, ema_decay: float | None = None, meter=None):
+                 seed: int, secret: bytes, ema_decay: float | None = None, meter=None,
+                 device: str | torch.device = "cpu", compile: bool = False):
         """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere.
         ``seed`` makes the public draws reproducible (batch order, t, training noise); ``secret``
-        (at least 16 random bytes) makes what the server must not know."""
+        (at least 16 random bytes) makes what the server must not know. ``images`` and
+        ``views`` stay as given, on the host, for evaluation; training reads copies resident on
+        the client's device."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
                              f"got shape {tuple(images.shape)}")
@@ -41,11 +44,14 @@ class Client(Party):
             raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError(f"client {client_id}: the secret must be at least 16 random bytes")
-        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter)
+        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
+                         compile)
         self.client_id = client_id
         self.images = images
         self.batch_size = min(batch_size, len(images))
         self.views = self._make_views(secret) if self.protocol == "noisy-data" else None
+        self._images = self.place.put(images)
+        self._views = None if self.views is None else self.place.put(self.views)
         self.order = torch.randperm(len(images), generator=self.generator)
         self.position = 0
 
@@ -82,20 +88,24 @@ class Client(Party):
         # The message is built before the local step (the paper's order is the other way):
         # neither touches the generator or the other's tensors, so the numbers are the same,
         # and the cheap forward diffusion is metered apart from the training.
+        # The split is decided on the host (batch order and t from the host generator), and
+        # the images are picked by index on the device: the host never waits for the device.
         with self.meter.measure(self.name, "diffusion"):
             idx = self._next_indices()
-            x0 = self.images[idx]
             t = torch.randint(0, self.num_timesteps, (len(idx),), generator=self.generator)
-            eps = torch.randn(x0.shape, generator=self.generator)
             sent = server_owns(t, self.cut)
-            x_t = add_noise(self.scheduler, x0[sent], eps[sent], t[sent])
-            views = self.views[idx[sent]] if self.views is not None else None
-            message = server_message(self.protocol, self.client_id, x_t, t[sent], eps[sent],
+            own = ~sent
+            x0 = self._images[self.place.put(idx)]
+            eps = self._noise(x0.shape)
+            rows, own_rows = (self.place.put(mask.nonzero().squeeze(1)) for mask in (sent, own))
+            x_t = add_noise(self.scheduler, x0[rows], eps[rows], t[sent])
+            views = self._views[self.place.put(idx[sent])] if self._views is not None else None
+            message = server_message(self.protocol, self.client_id, x_t, t[sent], eps[rows],
                                      views, self.cut)
-        own = ~sent
         if bool(own.any()):
             with self.meter.measure(self.name, "training"):
-                self._optimise(local_loss(self._eps, self.scheduler, x0[own], t[own], eps[own]))
+                self._optimise(local_loss(self._eps, self.scheduler, x0[own_rows], t[own],
+                                          eps[own_rows]))
         self.steps += 1
         return message
 
@@ -115,7 +125,7 @@ class Client(Party):
         if partial.cut != self.cut:
             raise ValueError(f"partial samples made for cut index {partial.cut}, "
                              f"client {self.client_id} uses {self.cut}")
-        x = check_images(partial, "x", tuple(self.images.shape[1:]))
+        x = self.place.put(check_images(partial, "x", tuple(self.images.shape[1:])))
         with self.meter.measure(self.name, "sampling"):
             return denoise(self._sampling_eps, self.scheduler, x, client_timesteps(self.cut),
                            self.stream("sample", seed), on_step)

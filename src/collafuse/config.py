@@ -8,6 +8,7 @@ taken as a string). This module imports nothing from collafuse, so every layer m
 
 from __future__ import annotations
 
+import re
 import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -18,10 +19,20 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema (one-line reason)."""
 
 
+# Fields that say where and how a run computes, not what it computes: two configs that differ
+# only here describe the same run (a folder trained on a GPU is sampled or evaluated on a CPU).
+RUNTIME_FIELDS = (("run", "device"), ("train", "log_every"))
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
 @dataclass
 class RunConfig:
     seed: int = 0  # the one seed: data split, initial weights and every noise draw
     name: str = "collafuse"  # the run folder's default name under runs/
+    # where every party computes: "auto" (cuda if available, else cpu), "cpu", "cuda",
+    # "cuda:N" or "mps"; where a run computes is not what it is, so a run folder may be resumed,
+    # sampled or evaluated under another value (see RUNTIME_FIELDS)
+    device: str = "auto"
 
 
 @dataclass
@@ -67,6 +78,10 @@ class TrainConfig:
     batches_per_round: int = 1  # K: batches a client diffuses per message exchange
     ema_decay: float = 0.0  # EMA of the weights used for sampling; 0 = off
     checkpoint_every: int = 50  # rounds between checkpoints
+    # rounds between reads of the losses: each read waits for an accelerator to finish its queue;
+    # the metrics log still gets a line per round (written at each read and each checkpoint)
+    log_every: int = 10
+    compile: bool = False  # torch.compile the UNets for training (CUDA; the first steps compile)
 
 
 @dataclass
@@ -106,6 +121,13 @@ class Config:
 
     def to_toml(self) -> str:
         return "\n".join(_toml_section(name, values) for name, values in self.to_dict().items())
+
+    def identity(self) -> dict:
+        """to_dict() without RUNTIME_FIELDS: equal for configs of the same run."""
+        raw = self.to_dict()
+        for section, key in RUNTIME_FIELDS:
+            del raw[section][key]
+        return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -181,6 +203,9 @@ def _check_values(cfg: Config, source: str) -> None:
          "an integer >= 1 (or train.epochs >= 1)"),
         (cfg.train.batches_per_round >= 1, "train.batches_per_round", "an integer >= 1"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every", "an integer >= 1"),
+        (DEVICE_PATTERN.fullmatch(cfg.run.device) is not None, "run.device",
+         "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)"),
         (cfg.train.protocol in ("shared-noise", "noisy-data"), "train.protocol",
          "'shared-noise' or 'noisy-data'"),

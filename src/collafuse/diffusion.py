@@ -55,8 +55,11 @@ def client_timesteps(cut: int) -> list[int]:
 
 
 def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Gather values[t] and shape it to broadcast over a NCHW batch."""
-    out = values.to(like.device)[t.to(like.device)].to(like.dtype)
+    """Gather values[t] where t lives and shape it to broadcast over a NCHW batch like ``like``.
+
+    With t on the host (as parties draw it) the gather runs there and only its result goes to
+    the device, without waiting for the device's queue."""
+    out = values.to(t.device)[t].to(like.device, like.dtype, non_blocking=t.device.type == "cpu")
     return out.view(-1, *([1] * (like.dim() - 1)))
 
 

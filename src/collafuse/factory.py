@@ -17,6 +17,7 @@ import torch
 from .client import SECRET_BYTES, Client
 from .config import Config
 from .data import ImageSet, load_images, normalise_intensity, partition, split_holdout, to_model
+from .device import resolve_device
 from .diffusion import cut_index, make_scheduler
 from .models import make_unet
 from .server import Server
@@ -63,13 +64,15 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
-def make_server(cfg: Config) -> Server:
+def make_server(cfg: Config, device: str | None = None) -> Server:
+    """The server, on ``device`` (default: ``run.device``)."""
     torch.manual_seed(party_seed(cfg, "server:init"))
     model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
                   cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
-                  seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None)
+                  seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
+                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile)
 
 
 def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
@@ -80,7 +83,9 @@ def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
     return load_or_create_secret(Path(secrets_dir) / f"{client_id}.key", SECRET_BYTES)
 
 
-def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes) -> Client:
+def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
+                device: str | None = None) -> Client:
+    """A client, on ``device`` (default: ``run.device``; a Flower node may choose its own)."""
     torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
     model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
@@ -88,7 +93,8 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes) ->
                   cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
                   cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
                   seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
-                  ema_decay=cfg.train.ema_decay or None)
+                  ema_decay=cfg.train.ema_decay or None,
+                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile)
 
 
 def total_rounds(cfg: Config, client_sizes: list[int]) -> int:

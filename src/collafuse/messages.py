@@ -42,7 +42,8 @@ class Message:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in encode(self).values())
+        """The size of :func:`encode`'s arrays, from shapes alone (nothing is copied or read)."""
+        return len(_header(self)) + sum(x.numel() * x.element_size() for x in self.tensors.values())
 
 
 @dataclass
@@ -89,10 +90,14 @@ KINDS = {cls.kind: cls for cls in (NoisedBatch, NoisyViews, SampleRequest, Parti
 TRAINING_KINDS = {cls.protocol: cls for cls in (NoisedBatch, NoisyViews)}
 
 
+def _header(msg: Message) -> bytes:
+    return json.dumps({"kind": msg.kind, **msg.meta}).encode()
+
+
 def encode(msg: Message) -> dict[str, np.ndarray]:
-    """Flatten to arrays: the tensors, plus the kind and metadata as UTF-8 JSON bytes."""
-    header = json.dumps({"kind": msg.kind, **msg.meta}).encode()
-    arrays = {"header": np.frombuffer(header, dtype=np.uint8).copy()}
+    """Flatten to arrays: the tensors (from any device), plus the kind and metadata as UTF-8
+    JSON bytes."""
+    arrays = {"header": np.frombuffer(_header(msg), dtype=np.uint8).copy()}
     arrays.update({k: v.detach().cpu().numpy() for k, v in msg.tensors.items()})
     return arrays
 
@@ -114,8 +119,18 @@ def decode(arrays: dict[str, np.ndarray]) -> Message:
         raise MessageError(f"{cls.kind}: bad fields ({err})") from None
 
 
+def on_host(x: torch.Tensor) -> bool:
+    """Whether a message's values can be checked without waiting for a device.
+
+    What crosses a wire is decoded on the host and checked in full. A tensor on an accelerator
+    was made by a party of this very process (the in-process engine); reading its values would
+    stall the device's queue at every step, so only its dtype and shape are checked."""
+    return x.device.type == "cpu"
+
+
 def check_images(msg: Message, name: str, image_shape: tuple[int, ...]) -> torch.Tensor:
-    """Raise unless msg.<name> is a finite float32 batch of images of the expected shape."""
+    """Raise unless msg.<name> is a float32 batch of images of the expected shape, finite
+    where :func:`on_host`."""
     x = getattr(msg, name)
     if x.dtype != torch.float32:
         raise MessageError(f"{msg.kind} from {msg.client_id}: {name} has dtype {x.dtype}, "
@@ -123,6 +138,6 @@ def check_images(msg: Message, name: str, image_shape: tuple[int, ...]) -> torch
     if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape):
         raise MessageError(f"{msg.kind} from {msg.client_id}: {name} has shape "
                            f"{tuple(x.shape)}, expected (N, {', '.join(map(str, image_shape))})")
-    if not bool(torch.isfinite(x).all()):
+    if on_host(x) and not bool(torch.isfinite(x).all()):
         raise MessageError(f"{msg.kind} from {msg.client_id}: {name} holds NaN or inf")
     return x

@@ -77,8 +77,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, new in zip(self.model.parameters(), model.parameters()):
-            avg.lerp_(new, 1.0 - decay)
+        # one fused call instead of one per parameter tensor (the same lerp, bit for bit)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
         self.updates += 1
 
     def state_dict(self) -> dict:

@@ -2,7 +2,14 @@
 random generator, a cost meter, and a state that can be saved and restored exactly (for --resume).
 
 The meter only watches: it draws no random numbers and changes no tensor, so a metered party
-computes bit for bit what an unmetered one does."""
+computes bit for bit what an unmetered one does.
+
+Placement (DESIGN.md section 5) is decided here and in :mod:`collafuse.device`: the model, its
+optimiser and EMA, the party's data and its noise live on the party's device. Draws that decide
+shapes (batch order, timesteps) come from a host generator, so the host knows every batch's
+split without waiting for the device; noise tensors come from a generator on the device. On the
+CPU the two are one generator, drawn in the same order as before devices existed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import hashlib
 
 import torch
 
+from .device import Placement
 from .metering import NullMeter
 from .models import EMA, predict_noise
 from .protocols import check_protocol
@@ -18,17 +26,25 @@ from .state import load_state, save_state
 
 class Party:
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str, lr: float,
-                 seed: int, ema_decay: float | None = None, meter=None):
-        self.model = model
+                 seed: int, ema_decay: float | None = None, meter=None,
+                 device: str | torch.device = "cpu", compile: bool = False):
+        self.place = Placement.of(device)
+        self.model = self.place.model(model)
         self.scheduler = scheduler
         self.cut = cut
         self.protocol = check_protocol(protocol)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        self.ema = EMA(model, ema_decay) if ema_decay else None
+        self.optimizer = self.place.optimizer(self.model.parameters(), lr)
+        self.ema = EMA(self.model, ema_decay) if ema_decay else None
+        # the compiled module shares the model's parameters; sampling runs the plain one
+        self.net = torch.compile(self.model) if compile else self.model
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.noise_generator = (self.generator if self.place.is_cpu
+                                else self.place.generator(seed))
         self.steps = 0
-        self.last_loss: float | None = None
+        self.resumable = True  # False after loading random streams of another kind of device
+        # the last training loss as a 0-d tensor on the device: reading it waits for the device
+        self.loss: torch.Tensor | None = None
         # measure(party, phase) and add_bytes(...), as evaluation.costs.CostMeter
         self.meter = meter or NullMeter()
 
@@ -41,6 +57,15 @@ class Party:
     def num_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    @property
+    def device(self) -> torch.device:
+        return self.place.device
+
+    @property
+    def last_loss(self) -> float | None:
+        """The last training loss (None before the first step); waits for the device."""
+        return None if self.loss is None else self.loss.item()
+
     def stream(self, purpose: str, seed: int) -> torch.Generator:
         """A generator of this party's own for one purpose and a (possibly public) seed.
 
@@ -49,43 +74,84 @@ class Party:
         seed and party seeds must not collide after that cut.
         """
         digest = hashlib.sha256(f"{self.seed}:{purpose}:{seed}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:4], "big"))
+        return self.place.generator(int.from_bytes(digest[:4], "big"))
+
+    def predict(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_hat in fp32 on x_t's device: the model runs on the party's device (callers such
+        as the audit may pass host tensors; training passes device tensors, and nothing moves)."""
+        with self.place.autocast():
+            eps = predict_noise(net, self.place.model_input(x_t), self.place.put(t))
+        return eps.float().to(x_t.device)
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return predict_noise(self.model, x_t, t)
+        return self.predict(self.net, x_t, t)
 
     def _sampling_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noise predictor used for generation: the EMA weights where kept."""
-        return predict_noise(self.ema.model if self.ema else self.model, x_t, t)
+        return self.predict(self.ema.model if self.ema else self.model, x_t, t)
 
-    def _optimise(self, loss: torch.Tensor) -> float:
+    def _noise(self, shape) -> torch.Tensor:
+        """Standard normal noise on the device, from the party's noise generator."""
+        return torch.randn(shape, generator=self.noise_generator, device=self.device)
+
+    def _optimise(self, loss: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.ema:
             self.ema.update(self.model)
-        self.last_loss = loss.item()
-        return self.last_loss
+        self.loss = loss.detach()
+        return self.loss
 
     def state_dict(self) -> dict:
-        return {
+        """Tensors on the host, so a checkpoint loads on any machine; the device's noise
+        generator only where it is not the host's own (never on the CPU)."""
+        state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else {},
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "steps": self.steps,
         }
+        if self.noise_generator is not self.generator:
+            state["noise_generator"] = self.noise_generator.get_state()
+        return state if self.place.is_cpu else to_host(state)
 
     def load_state_dict(self, state: dict) -> None:
+        """Weights load on any device. The random streams continue exactly only where the
+        state was made on the same kind of device (``self.resumable`` says whether they did)."""
         self.model.load_state_dict(state["model"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
         self.steps = state["steps"]
+        same_kind = ("noise_generator" in state) == (self.noise_generator is not self.generator)
+        self.resumable = same_kind
+        if not same_kind:
+            return
+        try:
+            self.generator.set_state(state["generator"])
+            if "noise_generator" in state:
+                self.noise_generator.set_state(state["noise_generator"])
+        except RuntimeError:  # a generator state of another device type (e.g. cuda vs mps)
+            self.resumable = False
 
     def save(self, path) -> None:
         save_state(self.state_dict(), path)
 
     def load(self, path) -> None:
         self.load_state_dict(load_state(path))
+
+
+def to_host(obj):
+    """A nested state with every tensor on the CPU (CPU tensors are returned as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_host(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # module state dicts carry their versions here
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, list):
+        return [to_host(v) for v in obj]
+    return obj

@@ -37,10 +37,13 @@ def server_message(protocol: str, client_id: str, x_t: torch.Tensor, t: torch.Te
 
 
 def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler, cut: int,
-                messages: list[Message], generator: torch.Generator) -> torch.Tensor:
+                messages: list[Message], generator: torch.Generator,
+                noise_generator: torch.Generator | None = None) -> torch.Tensor:
     """The server's loss on the union of the clients' messages of one batch index.
 
-    ``model_eps(x_t, t)`` is the shared model's noise prediction.
+    ``model_eps(x_t, t)`` is the shared model's noise prediction. noisy-data draws t from
+    ``generator`` (on the host) and eta from ``noise_generator`` (default: the same one), on
+    the views' device.
     """
     if protocol == "shared-noise":
         x_t = torch.cat([m.x_t for m in messages])
@@ -50,8 +53,10 @@ def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler, cut: int,
     y = torch.cat([m.views for m in messages])
     num_timesteps = scheduler.config.num_train_timesteps
     t = torch.randint(cut, num_timesteps, (y.shape[0],), generator=generator)
-    eta = torch.randn(y.shape, generator=generator)
-    a, b, sigma = (c.view(-1, 1, 1, 1) for c in renoise_coefficients(scheduler, t, cut))
+    eta = torch.randn(y.shape, generator=generator if noise_generator is None else noise_generator,
+                      device=y.device)
+    a, b, sigma = (c.view(-1, 1, 1, 1).to(y.device, non_blocking=True)
+                   for c in renoise_coefficients(scheduler, t, cut))
     x_t = a * y + b * eta
     return F.mse_loss((b / sigma) * model_eps(x_t, t), eta)
 

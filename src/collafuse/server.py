@@ -7,11 +7,13 @@ before anything of it reaches the model.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .diffusion import StepHook, denoise, server_timesteps
 from .messages import (Message, MessageError, NoisedBatch, NoisyViews, PartialSamples,
-                       SampleRequest, TRAINING_KINDS, check_images)
+                       SampleRequest, TRAINING_KINDS, check_images, on_host)
 from .metering import SERVER
 from .party import Party
 from .protocols import server_loss
@@ -20,8 +22,10 @@ from .protocols import server_loss
 class Server(Party):
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str,
                  image_shape: tuple[int, int, int], lr: float, seed: int,
-                 ema_decay: float | None = None, meter=None):
-        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter)
+                 ema_decay: float | None = None, meter=None, device: str | torch.device = "cpu",
+                 compile: bool = False):
+        super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
+                         compile)
         self.image_shape = tuple(image_shape)
 
     @property
@@ -40,7 +44,8 @@ class Server(Party):
             if msg.t.dtype != torch.int64 or tuple(msg.t.shape) != (n,) or msg.eps.shape[0] != n:
                 raise MessageError(f"{msg.kind} from {msg.client_id}: t must be int64 of shape "
                                    f"({n},) and eps must match x_t")
-            if n and not bool(((msg.t >= self.cut) & (msg.t < self.num_timesteps)).all()):
+            if n and on_host(msg.t) and not bool(((msg.t >= self.cut)
+                                                  & (msg.t < self.num_timesteps)).all()):
                 raise MessageError(f"{msg.kind} from {msg.client_id}: timesteps outside the "
                                    f"server's range [{self.cut}, {self.num_timesteps})")
         if isinstance(msg, NoisyViews):
@@ -49,21 +54,30 @@ class Server(Party):
                 raise MessageError(f"{msg.kind} from {msg.client_id}: views made for cut index "
                                    f"{msg.cut}, the server uses {self.cut}")
 
-    def train_step(self, messages: list[Message]) -> float | None:
+    def train_step(self, messages: list[Message]) -> torch.Tensor | None:
         """One optimiser step on the union of the clients' messages of one batch index.
 
         Every message is checked first, so a bad one stops the step before the model sees
-        anything. Returns the loss, or None when no client sent a server-owned sample.
+        anything. Returns the loss as a 0-d tensor on the server's device (reading it waits for
+        the device), or None when no client sent a server-owned sample.
         """
         for msg in messages:
             self.check(msg)
-        messages = [m for m in messages if m.batch_size]
+        messages = [self._receive(m) for m in messages if m.batch_size]
         if not messages:
             return None
         self.steps += 1
         with self.meter.measure(self.name, "training"):
             return self._optimise(server_loss(self.protocol, self._eps, self.scheduler,
-                                              self.cut, messages, self.generator))
+                                              self.cut, messages, self.generator,
+                                              self.noise_generator))
+
+    def _receive(self, msg: Message) -> Message:
+        """The message with its tensors on the server's device (the same message on the CPU)."""
+        moved = {name: self.place.put(x) for name, x in msg.tensors.items()}
+        if all(moved[name] is x for name, x in msg.tensors.items()):
+            return msg
+        return replace(msg, **moved)
 
     @torch.no_grad()
     def generate(self, request: SampleRequest, on_step: StepHook | None = None) -> PartialSamples:
@@ -77,7 +91,8 @@ class Server(Party):
                                f">= 1, got {request.num_samples}")
         with self.meter.measure(self.name, "sampling"):
             generator = self.stream("sample", request.seed)
-            x = torch.randn((request.num_samples, *self.image_shape), generator=generator)
+            x = torch.randn((request.num_samples, *self.image_shape), generator=generator,
+                            device=self.device)
             if on_step is not None:
                 on_step(self.num_timesteps, x)
             x = denoise(self._sampling_eps, self.scheduler, x,

@@ -74,7 +74,8 @@ def load_state(path: str | Path) -> dict:
     if not path.is_file():
         raise StateError(f"{path}: no such state file")
     try:
-        return torch.load(path, weights_only=True)
+        # map_location: a state saved with device tensors loads on a machine without that device
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises many types for a damaged file
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StateError(f"{path}: not a readable CollaFuse state ({first_line})") from None

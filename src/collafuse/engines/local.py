@@ -21,7 +21,7 @@ from ..config import Config, ConfigError, load_config
 from ..data import save_grid, to_uint8
 from ..factory import client_secret, load_client_data, make_client, make_server, total_rounds
 from ..metering import SERVER, WallMeter, client_party, totals
-from ..state import load_state, save_npz, save_state, write_text
+from ..state import StateError, load_state, save_npz, save_state, write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -57,7 +57,8 @@ class Run:
         self.round = 0
 
     def train_round(self) -> dict:
-        """One round; returns its metrics line."""
+        """One round; returns its metrics line with the losses still on the device (0-d
+        tensors): :func:`read_losses` turns lines into floats, waiting for the device once."""
         outbox: dict[str, list] = {}
         for cid, client in self.clients.items():
             outbox[cid] = client.train_round(self.cfg.train.batches_per_round)
@@ -65,11 +66,10 @@ class Run:
         server_losses = [self.server.train_step([outbox[cid][k] for cid in self.clients])
                          for k in range(self.cfg.train.batches_per_round)]
         self.round += 1
-        losses = [x for x in server_losses if x is not None]
         return {
             "round": self.round,
-            "server_loss": float(np.mean(losses)) if losses else None,
-            **{f"client_loss/{cid}": c.last_loss for cid, c in self.clients.items()},
+            "server_loss": [x for x in server_losses if x is not None],
+            **{f"client_loss/{cid}": c.loss for cid, c in self.clients.items()},
         }
 
     def sample(self, client_id: str, num_samples: int, seed: int, on_step=None) -> tuple:
@@ -83,7 +83,7 @@ class Run:
         partial = self.server.generate(request, on_step)
         self._count(SERVER, client.name, partial.nbytes, "sampling")
         images = client.finish_samples(partial, seed, on_step)
-        return images, partial.x
+        return images.cpu(), partial.x.cpu()
 
     def _count(self, sender: str, receiver: str, nbytes: int, phase: str) -> None:
         self.meter.add_bytes(sender, sent=nbytes, phase=phase)
@@ -110,6 +110,22 @@ class Run:
             client.load_state_dict(state["clients"][cid])
         self.meter.restore(state.get("costs", []))
 
+    @property
+    def resumable(self) -> bool:
+        """Whether every party's random streams continued from the loaded state (they do not
+        when it was saved on another kind of device: weights load anywhere, streams do not)."""
+        return all(p.resumable for p in [self.server, *self.clients.values()])
+
+
+def read_losses(lines: list[dict]) -> list[dict]:
+    """Metrics lines of :meth:`Run.train_round` with their losses as floats (None where a party
+    has not trained yet); the server's is the mean over the round's steps."""
+    def value(x):
+        if isinstance(x, list):
+            return float(np.mean([v.item() for v in x])) if x else None
+        return None if x is None else x.item()
+    return [{k: v if k == "round" else value(v) for k, v in line.items()} for line in lines]
+
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
                  stop_after_round: int | None = None, progress: bool = True,
@@ -126,20 +142,29 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
     if resume:
         if (run_dir / CHECKPOINT).is_file():
             run.load_state_dict(load_state(run_dir / CHECKPOINT))
+            if not run.resumable:
+                raise StateError(f"{run_dir / CHECKPOINT}: saved on another kind of device than "
+                                 f"run.device = {cfg.run.device!r}; resume it on that kind "
+                                 "(--device) so that its random streams continue exactly")
         _truncate_metrics(run_dir / METRICS, run.round)
     else:
         write_text(run_dir / "config.toml", cfg.to_toml())
     with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
               disable=not progress, unit="round") as bar, \
             open(run_dir / METRICS, "a") as log:
+        pending: list[dict] = []  # lines whose losses have not been read from the device yet
         while run.round < run.rounds:
-            line = run.train_round()
-            log.write(json.dumps(line) + "\n")
+            pending.append(run.train_round())
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in line.items()
-                             if k != "round" and v is not None}, refresh=False)
             last = run.round == run.rounds or run.round == stop_after_round
-            if last or run.round % cfg.train.checkpoint_every == 0:
+            checkpoint = last or run.round % cfg.train.checkpoint_every == 0
+            if checkpoint or run.round % cfg.train.log_every == 0:
+                lines = read_losses(pending)
+                pending.clear()
+                log.writelines(json.dumps(line) + "\n" for line in lines)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in lines[-1].items()
+                                 if k != "round" and v is not None}, refresh=False)
+            if checkpoint:
                 log.flush()
                 save_state(run.state_dict(), run_dir / CHECKPOINT)
             if run.round == stop_after_round:
@@ -155,7 +180,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     if resume:
         if not config_file.is_file():
             raise ConfigError(f"{run_dir}: not a run folder (no config.toml) to resume")
-        if load_config(config_file).to_dict() != cfg.to_dict():
+        if load_config(config_file).identity() != cfg.identity():
             raise ConfigError(f"{config_file}: the run was made with another config; resume "
                               "it with `collafuse train --resume` and no changes")
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -214,10 +239,13 @@ def write_summary(run: Run, run_dir: Path) -> dict:
     return summary
 
 
-def load_run(run_dir: str | Path, meter=None) -> Run:
-    """Rebuild a finished or interrupted run from its folder (costs continue in ``meter``)."""
+def load_run(run_dir: str | Path, meter=None, device: str | None = None) -> Run:
+    """Rebuild a finished or interrupted run from its folder (costs continue in ``meter``), its
+    parties on ``device`` (default: the run's ``run.device``) wherever it was trained."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")
+    if device is not None:
+        cfg.run.device = device
     run = Run(cfg, meter, run_dir / SECRETS)
     run.load_state_dict(load_state(run_dir / CHECKPOINT))
     return run

@@ -64,7 +64,11 @@ class CostMeter:
 
     def _get_tracker(self):
         if self._tracker is None:
-            from codecarbon import OfflineEmissionsTracker
+            try:
+                from codecarbon import OfflineEmissionsTracker
+            except ImportError:
+                raise ValueError("evaluation.energy: codecarbon is not installed; install it or "
+                                 "set evaluation.energy = false") from None
 
             # The offline tracker logs at INFO before applying log_level; silence it up front.
             logging.getLogger("codecarbon").setLevel(logging.ERROR)

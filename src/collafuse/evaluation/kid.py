@@ -108,9 +108,12 @@ def inception_features(images_uint8: np.ndarray, batch_size: int = 32, progress:
     return out
 
 
-def _cache_key(images: np.ndarray) -> str:
+def _cache_key(images: np.ndarray, device: str = "cpu") -> str:
     h = hashlib.sha256()
     h.update(PREPROCESS_VERSION.encode())
+    kind = torch.device(device).type
+    if kind != "cpu":  # another device rounds differently; the CPU keeps its old keys
+        h.update(kind.encode())
     h.update(f"{images.dtype.str}{images.shape}".encode())
     h.update(np.ascontiguousarray(images).data)
     return h.hexdigest()
@@ -123,7 +126,7 @@ def cached_features(images_uint8: np.ndarray, cache_dir: Path | None, batch_size
     if cache_dir is None:
         return inception_features(images, batch_size, progress, device)
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{_cache_key(images)}.npy"
+    path = cache_dir / f"{_cache_key(images, device)}.npy"
     if path.is_file():
         return np.load(path)
     feats = inception_features(images, batch_size, progress, device)

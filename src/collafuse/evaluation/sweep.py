@@ -40,7 +40,6 @@ from .costs import CostMeter
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
 from .layout import EVALUATION, RESULTS, TRAJECTORY, cut_dir
-from .report import write_report
 
 TRAINING_PHASES = ("diffusion", "training")
 # Generated images per sampling call: bounds memory at 128x128 without changing the method.
@@ -60,11 +59,14 @@ def cut_config(cfg: Config, cut_ratio: float) -> Config:
 
 
 def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
-              max_cut_ratios: int | None = None) -> list[dict]:
+              max_cut_ratios: int | None = None, train: bool = True,
+              evaluate: bool = True) -> list[dict]:
     """Train and evaluate every cut ratio; write results, figures and the report.
 
     ``max_cut_ratios`` stops after that many cut ratios, as an interruption would; a later call
-    with the same ``out`` continues.
+    with the same ``out`` continues. ``train=False`` evaluates runs trained before, perhaps on
+    another machine (each must be finished); ``evaluate=False`` only trains (for a machine
+    without the Inception weights), and writes no results.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,21 +76,38 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
         if max_cut_ratios is not None and i >= max_cut_ratios:
             break
         run_dir = cut_dir(out, c)
-        train_cut(cfg, c, run_dir, progress)
-        rows += evaluate_cut(cfg, run_dir, out / "cache", progress)
-    write_results(out, rows)
-    write_report(out)
+        if train:
+            train_cut(cfg, c, run_dir, progress)
+        elif not _finished(cfg, c, run_dir):
+            raise ConfigError(f"{run_dir}: no finished training run to evaluate; train it "
+                              "first (collafuse sweep without --evaluate-only)")
+        if evaluate:
+            rows += evaluate_cut(cfg, run_dir, out / "cache", progress)
+    if evaluate:
+        from .report import write_report  # matplotlib: not needed where --train-only runs
+
+        write_results(out, rows)
+        write_report(out)
     return rows
+
+
+def _finished(cfg: Config, cut_ratio: float, run_dir: Path) -> bool:
+    """Whether run_dir holds a finished run of this cut ratio (an error if of another config).
+    Where it ran does not matter (run.device is no part of a run's identity)."""
+    if not (run_dir / "summary.json").is_file():
+        return False
+    config_file = run_dir / "config.toml"
+    if load_config(config_file).identity() != cut_config(cfg, cut_ratio).identity():
+        raise ConfigError(f"{config_file}: this finished run was made with another config; "
+                          "choose another --out")
+    return True
 
 
 def train_cut(cfg: Config, cut_ratio: float, run_dir: Path, progress: bool = True) -> None:
     """Train one cut ratio, FLOPs and energy metered; keep a finished run, resume a begun one."""
     cfg_c = cut_config(cfg, cut_ratio)
     config_file = run_dir / "config.toml"
-    if (run_dir / "summary.json").is_file():
-        if load_config(config_file).to_dict() != cfg_c.to_dict():
-            raise ConfigError(f"{config_file}: this finished run was made with another config; "
-                              "choose another --out")
+    if _finished(cfg, cut_ratio, run_dir):
         return
     _say(progress, f"c={cut_ratio:g}: training in {run_dir}")
     run_training(cfg_c, run_dir, resume=config_file.is_file(), progress=progress,
@@ -104,11 +123,12 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
         if stored["key"] == key:
             return stored["rows"]
     ev = cfg.evaluation
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=cfg.run.device)
+    device = str(run.server.device)
     training = json.loads((run_dir / "summary.json").read_text())["costs"]
     server_train = totals(training, SERVER, TRAINING_PHASES)
     holdout = _features(_subset(run.holdout.images, ev.max_real_images, cfg.run.seed), cache,
-                        progress)
+                        progress, device)
     rows = []
     for i, (cid, client) in enumerate(run.clients.items()):
         _say(progress, f"c={run.cfg.diffusion.cut_ratio:g}: evaluating client {cid}")
@@ -118,9 +138,9 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
         images, handover = _generate(run, cid, ev.num_samples, cfg.sample.seed + 1000 * i)
         real = client.images
         real_feats = _features(_subset(to_uint8(real), ev.max_real_images, cfg.run.seed),
-                               cache, progress)
-        gen_feats = _features(to_uint8(images), cache, progress)
-        handover_feats = _features(to_uint8(handover.clamp(-1.0, 1.0)), cache, progress)
+                               cache, progress, device)
+        gen_feats = _features(to_uint8(images), cache, progress, device)
+        handover_feats = _features(to_uint8(handover.clamp(-1.0, 1.0)), cache, progress, device)
         kid_args = {"num_subsets": ev.kid_subsets, "subset_size": ev.kid_subset_size,
                     "seed": cfg.run.seed}
         kid_train = kid(gen_feats, real_feats, **kid_args)
@@ -226,8 +246,9 @@ def _subset(images_uint8: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return images_uint8[keep]
 
 
-def _features(images_uint8: np.ndarray, cache: Path, progress: bool) -> np.ndarray:
-    return cached_features(images_uint8, cache, progress=progress)
+def _features(images_uint8: np.ndarray, cache: Path, progress: bool,
+              device: str = "cpu") -> np.ndarray:
+    return cached_features(images_uint8, cache, progress=progress, device=device)
 
 
 def _generate(run, client_id: str, num_samples: int, seed: int):

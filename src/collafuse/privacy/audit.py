@@ -38,7 +38,6 @@ import torch
 from ..data import to_model
 from ..diffusion import add_noise, handover_view
 from ..messages import SampleRequest, decode, encode
-from ..models import predict_noise
 from ..protocols import PROTOCOLS, server_message
 from ..state import write_text
 from . import attacks
@@ -66,10 +65,11 @@ def find_runs(path: str | Path) -> list[Path]:
 
 
 def _server_model(server):
-    """The server's published noise predictor: the EMA weights where kept (as in sampling)."""
+    """The server's published noise predictor: the EMA weights where kept (as in sampling).
+    It runs on the server's device and takes and returns host tensors, as the attacks use."""
     net = server.ema.model if server.ema else server.model
     net.eval()
-    return lambda x, t: predict_noise(net, x, t)
+    return lambda x, t: server.predict(net, x, t)
 
 
 def replay_message(protocol: str, client, idx: torch.Tensor, generator: torch.Generator):
@@ -158,20 +158,22 @@ def nonmember_set(run, cid: str):
 
 
 def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
-              delta: float = DEFAULT_DELTA, progress: bool = True) -> list[dict]:
-    """All attack and accounting rows of one run folder."""
+              delta: float = DEFAULT_DELTA, progress: bool = True,
+              device: str | None = None) -> list[dict]:
+    """All attack and accounting rows of one run folder; its models run on ``device``
+    (default: the run's ``run.device``)."""
     from ..engines.local import load_run
     from ..factory import make_server
 
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     cfg, server = run.cfg, run.server
     scheduler, cut, num_timesteps = server.scheduler, server.cut, server.num_timesteps
     model, untrained = _server_model(server), _server_model(make_server(cfg))
     steps = attacks.score_timesteps(cut, num_timesteps)
     num_pixels = int(np.prod(server.image_shape))
     samples = server.generate(SampleRequest(client_id="audit", num_samples=num_images,
-                                            seed=seed)).x
+                                            seed=seed)).x.cpu()
     a_scale, _ = attacks.handover_signal(scheduler, cut)
     seeds = replay_seeds(cfg, list(run.clients))
     rows = []
@@ -240,11 +242,12 @@ def _model_attacks(model, untrained, scheduler, steps, members, nonmembers, samp
 
 
 def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128,
-          seed: int = 0, delta: float = DEFAULT_DELTA, progress: bool = True) -> list[dict]:
+          seed: int = 0, delta: float = DEFAULT_DELTA, progress: bool = True,
+          device: str | None = None) -> list[dict]:
     """Audit a run or sweep folder; write privacy.csv/json/md into ``out`` (default: path)."""
     runs = find_runs(path)
     rows = [row for run_dir in runs
-            for row in audit_run(run_dir, num_images, seed, delta, progress)]
+            for row in audit_run(run_dir, num_images, seed, delta, progress, device)]
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "privacy.csv", to_csv(rows))

@@ -19,7 +19,9 @@ Message types handled:
 ``node_config`` (``flower-supernode --node-config``): ``client-id``, ``data-path`` (the
 node's images, any format ``collafuse.data.load_images`` reads; ``cfg.data.intensity`` and
 ``cfg.data.max_images_per_client`` are applied here), ``state-dir``, optional ``out-dir``
-(default ``<state-dir>/samples``). In the simulation engine nodes have only
+(default ``<state-dir>/samples``), optional ``device`` (where this node computes: auto, cpu,
+cuda, cuda:N, mps; default auto, the node's own GPU if it has one, whatever ``run.device`` the
+server computes on: messages travel as host arrays). In the simulation engine nodes have only
 ``partition-id``; the run config's ``sim-clients`` (comma-separated ids, in order) and
 ``sim-state-dir`` then name the client, and its images are its partition of
 ``cfg.data.path`` exactly as the in-process engine makes it.
@@ -117,7 +119,9 @@ def _load_client(msg: Message, context: Context):
 
     cfg, meta, cid, state_dir, data_path, out_dir, progress = _config_and_identity(msg, context)
     # The secret stays on this node's disk; the server never sees it or anything it is made from.
-    client = make_client(cfg, cid, _images(cfg, cid, data_path), client_secret(state_dir, cid))
+    device = str(context.node_config.get("device") or "auto")  # the node's choice, not the server's
+    client = make_client(cfg, cid, _images(cfg, cid, data_path), client_secret(state_dir, cid),
+                         device=device)
     if (state_dir / STATE_FILE).is_file():
         client.load(state_dir / STATE_FILE)
     return client, meta, cid, state_dir, out_dir, progress
@@ -139,6 +143,11 @@ def train(msg: Message, context: Context) -> Message:
     from ...messages import encode
 
     client, meta, cid, state_dir, _, progress = _load_client(msg, context)
+    if not client.resumable:
+        from ...state import StateError
+
+        raise StateError(f"{state_dir / STATE_FILE}: saved on another kind of device than "
+                         f"{client.device}; keep the node's device for the whole run")
     rnd, k = int(meta["round"]), int(meta["batches"])
     out = client.train_round(k)
     client.save(state_dir / STATE_FILE)
@@ -164,7 +173,7 @@ def sample(msg: Message, context: Context) -> Message:
     if not isinstance(partial, PartialSamples):
         raise MessageError(f"sample request for {cid}: expected partial-samples, got {partial.kind}")
     seed = int(meta.get("seed", 0))
-    images = client.finish_samples(partial, seed)
+    images = client.finish_samples(partial, seed).cpu()
     png, npz = save_samples(out_dir, cid, images, partial.x)
     info("sample: client %s wrote %d images to %s", cid, len(images), out_dir)
     return Message(content=transport.pack([], {"client-id": cid, "png": str(png), "npz": str(npz),

@@ -168,6 +168,9 @@ def train(grid: Grid, context: Context) -> dict:
             raise ValueError(f"{run_dir}: holds a run with another config; choose another run-dir")
         if (run_dir / SERVER_STATE).is_file():
             server.load(run_dir / SERVER_STATE)
+            if not server.resumable:
+                raise ValueError(f"{run_dir / SERVER_STATE}: saved on another kind of device "
+                                 f"than {server.device}; resume the server there")
             progress = json.loads((run_dir / PROGRESS).read_text())
             info("resuming %s after round %d", run_dir, progress["round"])
     else:
@@ -221,7 +224,7 @@ def train(grid: Grid, context: Context) -> dict:
             server.save(run_dir / SERVER_STATE)
             progress = {"round": rnd, "rounds": rounds, "server-steps": server.steps}
             write_json(run_dir / PROGRESS, progress)
-            losses = [x for x in losses if x is not None]
+            losses = [x.item() for x in losses if x is not None]
             line = {"round": rnd, "clients": answered, "problems": problems,
                     "server_loss": sum(losses) / len(losses) if losses else None,
                     "bytes": nbytes, "seconds": time.perf_counter() - start}
