@@ -1,20 +1,23 @@
 """Flower engine: bytes per round per node, and time per round in deployment vs in-process.
 
-    python benchmarks/flower_round.py [--config configs/quickstart.toml] [--rounds 3]
+    python benchmarks/flower_round.py [--config configs/quickstart.toml] [--rounds 3] [--K 1,8,32]
 
 (a) Bytes per round per node, for both protocols (shared-noise, noisy-data), at the config's
     batch size, image size and cut ratio (quickstart: 32x32, batch 64, c = 0.6, T = 100):
     a client of the config trains ``--byte-rounds`` rounds of K batches and we count what it
     sends (the CollaFuse payload: array bytes, and the Flower RecordDict as protobuf) and what
     the server sends it (the train request, which carries the run's config).
-(b) Time per round: the same work (two hospitals, DU and HT, K batches each, one server step
-    per batch index) through the in-process engine (``engines.local.Run.train_round``) and
-    through a real deployment on loopback (flower-superlink + 2 flower-supernode +
-    ``flwr run``; the server's own per-round wall time from its metrics log), side by side in
-    one run: in-process, then deployment, then in-process again (the machines are shared and
-    noisy; the in-process figure is the mean of both passes).
+(b) Time per round, for each K of ``--K``: the same work (two hospitals, DU and HT, K batches
+    each, one server step per batch index) through the in-process engine
+    (``engines.local.Run.train_round``) and through a real deployment on loopback
+    (flower-superlink + 2 flower-supernode + ``flwr run``; the server's own per-round wall
+    time from its metrics log, which with pipelined rounds is the time between two finished
+    rounds), side by side: in-process, then deployment, then in-process again (the
+    in-process figure is the mean of both passes). Every Flower message starts a fresh
+    ClientApp process on the node, and the SuperNode polls for messages; both costs are paid
+    once per message, so they shrink relative to the work as K grows.
 
-Prints a table and the ratio. Not part of the test suite.
+Prints a table and the ratios. Not part of the test suite; run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def bytes_per_round(config: Path, overrides: list[str], rounds: int) -> list[dic
         cid = next(iter(parts))
         client = make_client(cfg, cid, parts[cid], secret=os.urandom(32))
         k = cfg.train.batches_per_round
-        request = transport.pack([], {"config-toml": cfg.to_toml(), "round": 1, "batches": k})
+        request = transport.pack([], {"config-toml": cfg.to_toml(), "round": 1, "batches": k,
+                                      "code-digest": "0" * 64})
         payload, wire, images = [], [], []
         for rnd in range(1, rounds + 1):
             encoded = [encode(m) for m in client.train_round(k)]
@@ -108,9 +112,9 @@ def time_deployment(config: Path, cfg, rounds: int, work: Path) -> tuple[list[fl
             dep.add_supernode(cid, {"client-id": cid, "data-path": str(work / f"{cid}.npz"),
                                     "state-dir": str(work / f"state-{cid}")})
         start = time.perf_counter()
-        res = dep.run({"task": "train", "config": str(config),
+        res = dep.run({"task": "train", "config": str(config), "identity": "node-report",
                        "run-dir": str(run_dir), "rounds": rounds, "min-nodes": len(parts),
-                       "round-timeout": 600.0}, timeout=60 + 120 * rounds)
+                       "round-timeout": 1200.0}, timeout=120 + 600 * rounds)
         total = time.perf_counter() - start
         if res.returncode != 0:
             raise RuntimeError(f"flwr run failed:\n{res.stdout[-3000:]}")
@@ -128,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--byte-rounds", type=int, default=5, help="rounds counted per protocol in part (a)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override section.key=value (repeatable)")
+    ap.add_argument("--K", default="1,8,32", help="batches per round (one Flower message) of part (b)")
     ap.add_argument("--skip-deploy", action="store_true", help="only part (a)")
     args = ap.parse_args(argv)
     config = args.config.resolve()
@@ -151,25 +156,30 @@ def main(argv=None) -> None:
         return
 
     cids = [c.strip() for c in args.clients.split(",") if c.strip()]
-    cfg = load_config(config, [*overrides, "data.clients=[" + ", ".join(f"'{c}'" for c in cids) + "]"])
-    print(f"\n(b) time per round, {len(cids)} hospitals {cids}, {cfg.train.protocol}, "
-          f"K = {cfg.train.batches_per_round}, {args.rounds} rounds per engine (seconds)")
-    with tempfile.TemporaryDirectory(prefix="flower-round-") as tmp:
-        tmp = Path(tmp)
-        cfg_file = tmp / "bench.toml"  # the resolved config: both engines read this one file
-        cfg_file.write_text(cfg.to_toml())
-        cfg = load_config(cfg_file)
-        a = time_in_process(cfg, args.rounds)
-        d, total = time_deployment(cfg_file, cfg, args.rounds, tmp)
-        b = time_in_process(cfg, args.rounds)
-    inproc = statistics.mean(a + b)
-    dep = statistics.mean(d)
-    print(f"    in-process (Run.train_round)    mean {inproc:6.2f}  rounds {[round(x, 2) for x in a + b]}")
-    print(f"    deployment (superlink+2 nodes)  mean {dep:6.2f}  rounds {[round(x, 2) for x in d]}")
-    print(f"    deployment / in-process: {dep / inproc:.1f}x   "
-          f"(whole `flwr run` incl. start-up and hello: {total:.1f}s for {args.rounds} rounds)")
-    print(json.dumps({"bytes": rows, "seconds": {"in_process": a + b, "deployment": d,
-                                                 "flwr_run_total": total}}, default=float))
+    clients = "data.clients=[" + ", ".join(f"'{c}'" for c in cids) + "]"
+    print(f"\n(b) time per round, {len(cids)} hospitals {cids}, {args.rounds} rounds per engine and K "
+          f"(seconds; load average {os.getloadavg()[0]:.2f} before)")
+    print(f"    {'K':>3} {'in-process':>11} {'deployment':>11} {'ratio':>6}  {'flwr run total':>14}")
+    table = []
+    for k in [int(x) for x in args.K.split(",")]:
+        cfg = load_config(config, [*overrides, clients, f"train.batches_per_round={k}"])
+        with tempfile.TemporaryDirectory(prefix="flower-round-") as tmp:
+            tmp = Path(tmp)
+            cfg_file = tmp / "bench.toml"  # the resolved config: both engines read this one file
+            cfg_file.write_text(cfg.to_toml())
+            cfg = load_config(cfg_file)
+            a = time_in_process(cfg, args.rounds)
+            d, total = time_deployment(cfg_file, cfg, args.rounds, tmp)
+            b = time_in_process(cfg, args.rounds)
+        row = {"K": k, "in_process": a + b, "deployment": d, "flwr_run_total": total,
+               "ratio": statistics.mean(d) / statistics.mean(a + b)}
+        table.append(row)
+        print(f"    {k:>3} {statistics.mean(a + b):>11.2f} {statistics.mean(d):>11.2f} "
+              f"{row['ratio']:>5.2f}x  {total:>13.1f}s", flush=True)
+    print(f"    (load average {os.getloadavg()[0]:.2f} after; {cfg.train.protocol}, batch "
+          f"{cfg.train.batch_size}, {cfg.data.image_size}x{cfg.data.image_size}, "
+          f"preset {cfg.model.preset})")
+    print(json.dumps({"bytes": rows, "seconds": table}, default=float))
 
 
 if __name__ == "__main__":

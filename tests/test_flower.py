@@ -5,6 +5,7 @@ The real deployment (faults, resume, TLS) is in test_flower_deploy.py."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ from flower_harness import ROOT, Deployment  # noqa: E402
 
 from collafuse.config import load_config  # noqa: E402
 from collafuse.engines.flower import transport  # noqa: E402
-from collafuse.engines.flower.server_app import RejectedReply, accept_reply  # noqa: E402
+from collafuse.engines.flower.replies import RejectedReply, accept_train  # noqa: E402
 from collafuse.engines.local import run_training  # noqa: E402
 from collafuse.factory import load_client_data, make_client, make_server  # noqa: E402
 from collafuse.messages import encode  # noqa: E402
+from flwr.app import Message, Metadata  # noqa: E402
 
 
 def tiny_config(tmp: Path, **extra: str) -> Path:
@@ -77,14 +79,22 @@ def _tamper(arrays: dict, key: str, fn) -> dict:
     return out
 
 
+def reply(msgs, meta, message_type: str = "train") -> Message:
+    """A node's reply as the ServerApp receives it (metadata as the SuperLink fills it)."""
+    return Message(content=transport.pack(msgs, meta),
+                   metadata=Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0,
+                                     reply_to_message_id="asked", group_id="1",
+                                     created_at=time.time(), ttl=60.0, message_type=message_type))
+
+
 @pytest.mark.parametrize("what", ["nan", "shape", "dtype", "protocol", "timestep", "count", "round"])
 def test_malformed_reply_rejected_before_model(server_and_replies, what):
     server, msgs, other = server_and_replies
     before = {k: v.clone() for k, v in server.model.state_dict().items()}
-    good_cid, good, _ = accept_reply(server, transport.pack(msgs, {"client-id": "DU", "round": 1}), 1, 2)
-    assert good_cid == "DU" and len(good) == 2
+    meta = {"client-id": "DU", "round": 1, "client-loss": 0.5}
+    good, loss = accept_train(server, reply(msgs, meta), "DU", 1, 2, batch_size=8)
+    assert len(good) == 2 and loss == 0.5
     bad = list(msgs)
-    meta = {"client-id": "DU", "round": 1}
     k = 2
     if what == "nan":
         bad[1] = _tamper(bad[1], "x_t", lambda x: np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x).astype(np.float32))
@@ -103,7 +113,7 @@ def test_malformed_reply_rejected_before_model(server_and_replies, what):
     if what in ("nan", "timestep") and len(bad[1 if what == "nan" else 0]["t"]) == 0:
         pytest.skip("no server-owned sample in this batch")
     with pytest.raises(RejectedReply) as err:
-        accept_reply(server, transport.pack(bad, meta), 1, k)
+        accept_train(server, reply(bad, meta), "DU", 1, k, batch_size=8)
     assert str(err.value) and "\n" not in str(err.value)  # one-line reason for the log
     after = server.model.state_dict()
     for key in before:
@@ -121,12 +131,69 @@ def test_simulation_engine_matches_in_process(tmp_path):
     with Deployment(tmp_path / "dep", ROOT) as dep:
         dep.start_superlink(simulation=True)
         res = dep.run({"task": "train", "config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 2,
-                       "sim-clients": "DU,HT", "sim-state-dir": str(tmp_path / "sim-state")},
+                       "sim-clients": "DU,HT", "identity": "node-report"},
                       federation_config={"num-supernodes": 2}, timeout=240)
         assert res.returncode == 0, res.stdout
-    assert json.loads((run_dir / "progress.json").read_text())["round"] == 2, res.stdout
     server = torch.load(run_dir / "server.pt", weights_only=True)
-    assert_same_models(local.server.model.state_dict(), server["model"])
-    for cid, client in local.clients.items():
-        state = torch.load(tmp_path / "sim-state" / cid / "client.pt", weights_only=True)
-        assert_same_models(client.model.state_dict(), state["model"])
+    assert server["progress"]["round"] == 2, res.stdout
+    assert_same_models(local.server.model.state_dict(), server["server"]["model"])
+    for cid, client in local.clients.items():  # node state defaults to <run-dir>/sim-nodes/<id>
+        state = torch.load(run_dir / "sim-nodes" / cid / "client.pt", weights_only=True)
+        assert state["round"] == 2
+        assert_same_models(client.model.state_dict(), state["client"]["model"])
+
+
+def test_hostile_node_fuzz_run_finishes_with_honest_work_intact(tmp_path):
+    """A third node (FG, tests/hostile_app) answers each round with another of 27 malformed or
+    hostile replies and a malformed sampling reply. The run finishes; every round trains on DU
+    and HT alone, so the server equals the in-process server of DU and HT."""
+    from hostile_app.hostile_client_app import ATTACKS
+
+    rounds = len(ATTACKS)
+    cfg_path = tiny_config(tmp_path, clients='["DU", "HT", "FG"]', steps=rounds)
+    (tmp_path / "honest").mkdir()
+    honest_cfg = load_config(tiny_config(tmp_path / "honest", clients='["DU", "HT"]', steps=rounds))
+    local = run_training(honest_cfg, tmp_path / "local", progress=False)
+    run_dir = tmp_path / "run"
+    with Deployment(tmp_path / "dep", ROOT / "tests" / "hostile_app") as dep:
+        dep.start_superlink(simulation=True)
+        res = dep.run({"config": str(cfg_path), "run-dir": str(run_dir), "sim-clients": "DU,HT,FG",
+                       "sample-n": 2}, federation_config={"num-supernodes": 3}, timeout=600)
+    assert res.returncode == 0, res.stdout
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == rounds
+    for line in lines:
+        assert line["clients"] == ["DU", "HT"], line
+        assert set(line["problems"]) == {"FG"} and "\n" not in line["problems"]["FG"]
+        assert set(line["client_loss"]) == {"DU", "HT"}
+    assert len({line["problems"]["FG"] for line in lines}) == rounds  # each attack its own reason
+    server = torch.load(run_dir / "server.pt", weights_only=True)
+    assert server["progress"]["round"] == rounds and server["server"]["steps"] == rounds
+    assert_same_models(local.server.model.state_dict(), server["server"]["model"])
+    result = json.loads((run_dir / "flower-result.json").read_text())
+    assert set(result["samples"]) == {"DU", "HT"}
+    assert "sampling: node" in res.stdout and "client FG" in res.stdout
+
+
+def test_identity_binding(tmp_path):
+    """registered-name: a node serves only the client named at its registration; node-report:
+    its word, but never a client another connected node serves, nor one the run lacks."""
+    from flwr.proto.node_pb2 import NodeInfo
+
+    from collafuse.engines.flower.server_app import Roster
+
+    cfg = load_config(tiny_config(tmp_path))
+    nodes = {1: NodeInfo(node_id=1, name="DU"), 2: NodeInfo(node_id=2, name="HT"), 3: NodeInfo(node_id=3)}
+    strict = Roster(cfg, cfg.to_toml(), "registered-name", 10.0)
+    strict._may_serve(nodes, 1, "DU")
+    for node, cid, why in ((1, "HT", "registered as 'DU', claims client 'HT'"),
+                           (3, "HT", "registered without a name"), (2, "XX", "not one of the run's")):
+        with pytest.raises(RejectedReply, match=why):
+            strict._may_serve(nodes, node, cid)
+    loose = Roster(cfg, cfg.to_toml(), "node-report", 10.0)
+    loose._may_serve(nodes, 3, "HT")
+    loose.node_of["HT"] = 2
+    with pytest.raises(RejectedReply, match="which node 2 serves"):
+        loose._may_serve(nodes, 3, "HT")
+    del nodes[2]  # HT's old node is gone (offline): a restarted node may take over
+    loose._may_serve(nodes, 3, "HT")

@@ -47,23 +47,40 @@ def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _client_progress(tmp_path, cid):
-    return json.loads((tmp_path / f"state-{cid}" / "progress.json").read_text())
+def _node_state(tmp_path, cid):
+    """What a node saved: its client's state, the last round it trained, its kept replies."""
+    return torch.load(tmp_path / f"state-{cid}" / "client.pt", weights_only=True)
+
+
+def _server_state(run_dir):
+    return torch.load(run_dir / "server.pt", weights_only=True)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
 
 
 def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     """SuperLink + two SuperNodes (insecure loopback), tiny preset, noisy-data protocol.
 
     Run 1: two rounds and one split inference; models equal the in-process engine's.
-    Run 2 (the server restarted on the same run-dir, 4 rounds): it resumes after round 2;
-    HT is killed as round 3's request reaches it, round 3 goes on with DU alone (logged); HT's
-    SuperNode comes back with the same state-dir and round 4 has both, HT resuming from disk.
+    Run 2 (the server restarted on the same run-dir, 5 rounds): it resumes after round 2;
+    HT's SuperNode is SIGKILLed as round 3's request reaches it and started again with the same
+    state-dir: round 3 goes on with DU alone (logged), HT is back from round 4, resuming from
+    its disk. The ServerApp is SIGKILLed once round 4 is saved, while round 5's requests are out.
+    Run 3 (the same command again): resumes after round 4; the nodes answer round 5 from their
+    stored replies, so no node trains a round twice.
     """
     cfg_path = tiny_config(tmp_path, protocol="noisy-data")
     cfg = load_config(cfg_path)
     node_cfg = _hospitals(tmp_path, cfg)
     run_dir = tmp_path / "run"
     rc = {"task": "train", "config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 2,
+          "identity": "node-report",  # insecure loopback: no registered names to bind to
           "round-timeout": 180.0}  # generous: a loaded 2-core CI machine is slow
     with Deployment(tmp_path / "dep", ROOT) as dep:
         dep.start_superlink()
@@ -84,60 +101,73 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
         # each node made its secret on its own disk; the in-process twin gets the same ones
         secrets = {cid: (tmp_path / f"state-{cid}" / f"{cid}.key").read_bytes() for cid in node_cfg}
         local = run_training(cfg, tmp_path / "local", progress=False, secrets=secrets)
-        assert_same_models(local.server.model.state_dict(),
-                           torch.load(run_dir / "server.pt", weights_only=True)["model"])
+        assert_same_models(local.server.model.state_dict(), _server_state(run_dir)["server"]["model"])
         for cid, client in local.clients.items():
-            state = torch.load(tmp_path / f"state-{cid}" / "client.pt", weights_only=True)
-            assert_same_models(client.model.state_dict(), state["model"])
-            assert _client_progress(tmp_path, cid)["client-steps"] == 2
+            state = _node_state(tmp_path, cid)
+            assert_same_models(client.model.state_dict(), state["client"]["model"])
+            assert state["round"] == 2 and state["client"]["steps"] == 2
 
-        # --- run 2: restarted server resumes; a node dies mid-run and comes back
-        def kill_then_restart():
-            deadline = time.monotonic() + 250
-            while time.monotonic() < deadline:
-                # HT's third train message is round 3's (run 1 sent two): it dies receiving it
-                if dep.tail("HT", 10**6).count("Receiving: train message") >= 3:
-                    # the node's processes are killed (SIGTERM: the SuperNode leaves the
-                    # SuperLink as it dies, so the server hears of it at once instead of
-                    # after round-timeout, which must stay generous for slow machines)
-                    dep.kill("HT", signal.SIGTERM)
-                    dep.add_supernode("HT", node_cfg["HT"])  # same state-dir: resumes from disk
-                    return
-                time.sleep(0.05)
+        # --- run 2: restarted server resumes; a node is SIGKILLed mid-round and comes back;
+        # then the server is SIGKILLed after saving round 4
+        def faults():
+            # HT's third train message is round 3's (run 1 sent two): it dies receiving it
+            _wait_for(lambda: dep.tail("HT", 10**6).count("Receiving: train message") >= 3, 250,
+                      "round 3 never reached HT")
+            dep.kill("HT", signal.SIGKILL)
+            dep.add_supernode("HT", node_cfg["HT"])  # same state-dir: resumes from disk
+            _wait_for(lambda: "round 4/5" in dep.tail("flwr-run", 10**6), 400, "no round 4")
+            assert dep.kill_app("flwr-serverapp") >= 1
+            dep.kill("flwr-run")
 
-        th = threading.Thread(target=kill_then_restart, daemon=True)
+        th = threading.Thread(target=faults, daemon=True)
         th.start()
-        res2 = dep.run({**rc, "rounds": 4}, timeout=300)
+        try:
+            dep.run({**rc, "rounds": 5}, timeout=500)
+        except TimeoutError:
+            pass  # the CLI may wait for a run whose ServerApp is gone; it was killed with it
         th.join(5)
-        assert res2.returncode == 0, res2.stdout
-    out = res2.stdout
-    assert "resuming" in out and "after round 2" in out
-    assert "going on without it" in out
-    assert "client HT is back on node" in out
+        out2 = dep.tail("flwr-run", 10**6)
+        assert _server_state(run_dir)["progress"]["round"] == 4, out2
+
+        # --- run 3: the same command; round 5 is answered from the nodes' stored replies
+        res3 = dep.run({**rc, "rounds": 5}, timeout=300)
+        assert res3.returncode == 0, res3.stdout
+        resent = dep.tail("DU", 10**6).count("asked again; resending the stored reply")
+    assert "resuming" in out2 and "after round 2" in out2
+    assert "left out of this round" in out2
+    assert "client HT is back on node" in out2
+    assert "after round 4" in res3.stdout
+    assert resent >= 1
     lines = _metrics(run_dir)
-    assert [x["round"] for x in lines] == [1, 2, 3, 4]
+    assert [x["round"] for x in lines] == [1, 2, 3, 4, 5]
     assert all(x["clients"] == ["DU", "HT"] for x in lines[:2])
     assert lines[2]["clients"] == ["DU"] and "HT" in lines[2]["problems"]
-    assert lines[3]["clients"] == ["DU", "HT"]
-    assert all(x["bytes"]["DU"] > 0 for x in lines)
-    for cid, steps in (("DU", 4), ("HT", 3)):  # HT's 3rd step came from its saved state
-        progress = _client_progress(tmp_path, cid)
-        assert progress["round"] == 4 and progress["client-steps"] == steps
-    assert torch.load(run_dir / "server.pt", weights_only=True)["steps"] == 4
+    assert lines[3]["clients"] == ["DU", "HT"] and lines[4]["clients"] == ["DU", "HT"]
+    assert all(x["bytes"]["DU"] > 0 and "DU" in x["client_loss"] for x in lines)
+    for cid, steps in (("DU", 5), ("HT", 4)):  # exactly once: HT missed round 3, no round twice
+        state = _node_state(tmp_path, cid)
+        assert state["round"] == 5 and state["client"]["steps"] == steps
+    assert _server_state(run_dir)["server"]["steps"] == 5
 
 
 def test_tls_supernode_auth_three_hospitals(tmp_path):
     """docs/deployment.md on loopback: certificates from make_certs.sh, a SuperLink with TLS and
     SuperNode authentication, three registered hospitals, one round (split inference is
-    checked in the insecure run above); a SuperNode whose key was never registered is refused."""
+    checked in the insecure run above).
+
+    Identity: FG's SuperNode first starts claiming to be HT (its registered name is FG): it is
+    refused and the run waits, since min-nodes counts verified hospitals; started again as FG
+    with the same key (so the same node id) it is greeted again and trains. A SuperNode whose
+    key was never registered is refused by the SuperLink."""
     certs = make_certs(tmp_path / "certs", n=3)
     cfg_path = tiny_config(tmp_path, clients='["DU", "HT", "FG"]', steps=1)
     node_cfg = _hospitals(tmp_path, load_config(cfg_path))
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "dep", ROOT, certs=certs, node_auth=True) as dep:
         dep.start_superlink()
-        for i, cid in enumerate(node_cfg):
+        for i, cid in enumerate(("DU", "HT")):
             dep.add_supernode(cid, node_cfg[cid], auth_key=certs / f"supernode-{i + 1}")
+        dep.add_supernode("FG", {**node_cfg["FG"], "client-id": "HT"}, auth_key=certs / "supernode-3")
         listing = dep.flwr("supernode", "list", "loop", "--format", "json").stdout
         assert listing.count("registered") + listing.count("online") >= 3, listing
         # a SuperNode whose key was never registered must not get in
@@ -150,16 +180,31 @@ def test_tls_supernode_auth_three_hospitals(tmp_path):
         rogue = dep.add_supernode("rogue", {"client-id": "X", "data-path": "/x",
                                             "state-dir": str(tmp_path / "rogue-state")},
                                   auth_key=tmp_path / "rogue", register=False, max_retries=1)
+
+        def impostor_then_honest():
+            _wait_for(lambda: "claims client 'HT': refused" in dep.tail("flwr-run", 10**6), 200,
+                      "the impostor was not refused")
+            # SIGTERM: a node that leaves cleanly is offline at once and may come back with its
+            # key; after a SIGKILL the SuperLink refuses the key until the heartbeat expires
+            dep.kill("FG", signal.SIGTERM)
+            dep.add_supernode("FG", node_cfg["FG"], auth_key=certs / "supernode-3", register=False)
+
+        th = threading.Thread(target=impostor_then_honest, daemon=True)
+        th.start()
         res = dep.run({"task": "train", "config": str(cfg_path), "run-dir": str(run_dir),
-                       "min-nodes": 3, "round-timeout": 180.0}, timeout=240)
+                       "min-nodes": 3, "node-wait-timeout": 200.0, "round-timeout": 180.0},
+                      timeout=300)
+        th.join(5)
         assert res.returncode == 0, res.stdout
         rogue.popen.wait(timeout=60)
         assert rogue.popen.returncode != 0
         assert "Failed to activate SuperNode" in dep.tail("rogue", 60)
+    assert "registered as 'FG', claims client 'HT': refused" in res.stdout
     result = json.loads((run_dir / "flower-result.json").read_text())
     assert result["rounds"] == 1 and result["clients"] == ["DU", "HT", "FG"]
     assert _metrics(run_dir)[0]["clients"] == ["DU", "HT", "FG"]
     for cid in ("DU", "HT", "FG"):
-        assert _client_progress(tmp_path, cid) == {"round": 1, "client-steps": 1}
-    assert (run_dir / "server.pt").is_file()
+        state = _node_state(tmp_path, cid)
+        assert state["round"] == 1 and state["client"]["steps"] == 1
+    assert _server_state(run_dir)["progress"]["round"] == 1
     assert not (tmp_path / "rogue-state").exists()

@@ -55,6 +55,7 @@ def base_env(flwr_home: Path) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_TELEMETRY_ENABLED="0",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",  # a node starts a ClientApp 0.1 s after a message, not 1 s
         PYTHONUNBUFFERED="1",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
@@ -247,6 +248,26 @@ class Deployment:
             proc.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+
+    def kill_app(self, program: str, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to every running ``program`` (``flwr-serverapp``, ``flwr-clientapp``)
+        started by this deployment's processes; returns how many were signalled."""
+        import psutil
+
+        hit = 0
+        for proc in list(self.procs.values()):
+            try:
+                children = psutil.Process(proc.popen.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                try:
+                    if any(program in part for part in child.cmdline()[:2]):
+                        child.send_signal(sig)
+                        hit += 1
+                except psutil.Error:
+                    pass
+        return hit
 
     def tail(self, name: str, n: int = 25) -> str:
         logf = self.workdir / f"{name}.log"

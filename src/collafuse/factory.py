@@ -97,9 +97,10 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
                   device=resolve_device(device or cfg.run.device), compile=cfg.train.compile)
 
 
-def total_rounds(cfg: Config, client_sizes: list[int]) -> int:
-    """Rounds of K batches per client: train.steps batches, or train.epochs passes over the
-    largest client's data (smaller clients then see their data more often)."""
+def total_rounds(cfg: Config, client_sizes: list[int], batches_per_round: int | None = None) -> int:
+    """Rounds of K batches per client (K: ``batches_per_round``, default
+    train.batches_per_round): train.steps batches, or train.epochs passes over the largest
+    client's data (smaller clients then see their data more often)."""
     t = cfg.train
     steps = t.epochs * math.ceil(max(client_sizes) / t.batch_size) if t.epochs else t.steps
-    return math.ceil(steps / t.batches_per_round)
+    return math.ceil(steps / (batches_per_round or t.batches_per_round))

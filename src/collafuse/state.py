@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 class StateError(ValueError):
@@ -65,11 +64,15 @@ def load_or_create_secret(path: str | Path, nbytes: int = 32) -> bytes:
 
 
 def save_state(state: dict, path: str | Path) -> None:
+    import torch  # here, not above: a Flower node's hello must not pay for importing torch
+
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_state(path: str | Path) -> dict:
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise StateError(f"{path}: no such state file")

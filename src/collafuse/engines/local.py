@@ -146,7 +146,7 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
                 raise StateError(f"{run_dir / CHECKPOINT}: saved on another kind of device than "
                                  f"run.device = {cfg.run.device!r}; resume it on that kind "
                                  "(--device) so that its random streams continue exactly")
-        _truncate_metrics(run_dir / METRICS, run.round)
+        truncate_metrics(run_dir / METRICS, run.round)
     else:
         write_text(run_dir / "config.toml", cfg.to_toml())
     with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
@@ -188,7 +188,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
                           "or add --resume")
 
 
-def _truncate_metrics(path: Path, last_round: int) -> None:
+def truncate_metrics(path: Path, last_round: int) -> None:
     """Drop log lines written after the checkpoint, which the resumed run will redo."""
     if not path.is_file():
         return

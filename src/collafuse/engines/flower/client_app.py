@@ -1,35 +1,46 @@
 """CollaFuse ClientApp: a thin Flower adapter over ``collafuse.client.Client``.
 
-Every Flower message starts a fresh ClientApp process on the node, so the Client lives on
-node-local disk between messages: ``<state-dir>/client.pt`` (model, optimiser, EMA, RNG,
-data cursor; written atomically) next to ``<state-dir>/config.toml`` (the run's config, which
-the server sends with every message; a different config on a later message is refused) and
-``<state-dir>/<client-id>.key`` (the client's secret, made from os.urandom on first use; it
-seeds the noisy-data view noise and never leaves the node).
+Every Flower message starts a fresh ClientApp process on the node, so the node keeps what it
+needs on its own disk, in its ``state-dir``:
 
-Message types handled:
+- ``client.pt``: the Client's state (model, optimiser, EMA, RNG, data cursor), the last round
+  it trained and its replies to the last two rounds, in one atomic file. A round asked again
+  (the server restarted, a reply was lost, a message came twice) is answered from there and
+  never trained twice; a round older than those is refused.
+- ``config.toml``: the run's config as the server first sent it; another config later is
+  refused.
+- ``<client-id>.key``: the client's secret, made from os.urandom on first use; it seeds the
+  noisy-data view noise and never leaves the node.
+- ``images.npz`` / ``images.json``: the node's training images as the run uses them, cached
+  so that a message does not re-read the source data.
 
-- ``query.hello``: check the config, reply the client id and image count (no model is built:
-  the model code is what makes a fresh ClientApp process slow, so hello stays light).
-- ``train``: build (first time) or load the Client; ``Client.train_round(K)``; save the state;
-  reply the K encoded messages.
+Message types handled (each checks the request and the node's policy before anything else):
+
+- ``query.hello``: the client id, image count and round; no model code is imported, since a
+  fresh ClientApp process pays for every import.
+- ``train``: build or load the Client; ``Client.train_round(K)``; save state and reply; reply
+  the K encoded messages and the client's loss.
 - ``query.sample``: the server's ``PartialSamples`` -> ``Client.finish_samples`` -> PNG grid
-  and npz under ``<out-dir>``, on the node's own disk; only file names and sizes go back.
+  and npz under ``out-dir`` on the node's disk; only file names and the count go back.
 
-``node_config`` (``flower-supernode --node-config``): ``client-id``, ``data-path`` (the
-node's images, any format ``collafuse.data.load_images`` reads; ``cfg.data.intensity`` and
-``cfg.data.max_images_per_client`` are applied here), ``state-dir``, optional ``out-dir``
-(default ``<state-dir>/samples``), optional ``device`` (where this node computes: auto, cpu,
-cuda, cuda:N, mps; default auto, the node's own GPU if it has one, whatever ``run.device`` the
-server computes on: messages travel as host arrays). In the simulation engine nodes have only
-``partition-id``; the run config's ``sim-clients`` (comma-separated ids, in order) and
-``sim-state-dir`` then name the client, and its images are its partition of
-``cfg.data.path`` exactly as the in-process engine makes it.
+``node_config`` (``flower-supernode --node-config``, docs/deployment.md): ``client-id``,
+``data-path``, ``state-dir``, optional ``out-dir`` and ``device``, and the hospital's policy:
+``allow-protocols`` (comma-separated; default both), ``min-cut-ratio`` (default 0),
+``max-images-per-round`` (K x batch size; default 0 = no limit), ``serve-sampling`` (default
+true), ``code-sha256`` (run only this CollaFuse code; default: no pin). A request outside the
+policy gets a refusal (``refused``: the reason), not data. In the simulation engine nodes have
+only ``partition-id``; the run config's ``sim-clients`` (comma-separated ids, in order) then
+names the client, its images are its partition of ``cfg.data.path`` exactly as the in-process
+engine makes them, and its state-dir is ``sim-state-dir/<id>`` (default
+``<run-dir>/sim-nodes/<id>``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -37,144 +48,295 @@ from flwr.clientapp import ClientApp
 
 from . import transport
 from ...state import write_text
-from .common import write_json, info, node_setting
+from .common import code_digest, info, node_setting
 
 app = ClientApp()
 
 STATE_FILE = "client.pt"
 CONFIG_FILE = "config.toml"
-PROGRESS_FILE = "progress.json"
+IMAGES_CACHE, IMAGES_KEY = "images.npz", "images.json"
+KEEP_REPLIES = 2  # a pipelining server may re-ask the round before the last after a crash
+PROTOCOLS = ("shared-noise", "noisy-data")
+MAX_SAMPLE_IMAGES = 4096
+MAX_SAMPLE_BYTES = 2**30  # one hand-over array
+
+# what the server's requests hold, exactly
+REQUESTS = {
+    "query.hello": {"config-toml": str, "round": int, "code-digest": str},
+    "train": {"config-toml": str, "round": int, "batches": int, "code-digest": str},
+    "query.sample": {"config-toml": str, "seed": int, "code-digest": str},
+}
 
 
-def _identity(context: Context) -> tuple[str, Path, Path | None, Path]:
-    """(client-id, state-dir, data-path or None for 'my partition of cfg.data.path', out-dir)."""
-    nc = context.node_config
-    if "client-id" in nc:
-        cid = str(nc["client-id"])
-        state_dir = Path(str(node_setting(nc, "state-dir")))
-        data = nc.get("data-path")
-        data_path = Path(str(data)) if data not in (None, "", "partition") else None
-    else:  # simulation engine: virtual nodes only know their partition id
-        ids = [s.strip() for s in str(context.run_config.get("sim-clients", "")).split(",") if s.strip()]
-        pid = int(node_setting(nc, "partition-id"))
-        if pid >= len(ids):
-            raise ValueError(f"simulation node {pid}: run config sim-clients={ids} names too few clients")
-        cid = ids[pid]
-        state_dir = Path(str(context.run_config.get("sim-state-dir", "runs/flower-sim"))) / cid
-        data_path = None
-    out_dir = Path(str(nc.get("out-dir") or state_dir / "samples"))
-    return cid, state_dir, data_path, out_dir
+class RequestError(ValueError):
+    """A request from the server that this node does not act on (one-line reason)."""
 
 
-def _config_and_identity(msg: Message, context: Context):
-    """The run's config (as the server sent it) and this node's identity; checks the config
-    against the one this node's state was made with, and records it on first contact.
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
-    Light on purpose (no model code is imported): every message starts a fresh process."""
-    from ...config import ConfigError
+
+@dataclass
+class Policy:
+    """What this hospital accepts, from its own ``node_config``: the server cannot change it."""
+
+    protocols: tuple[str, ...] = PROTOCOLS
+    min_cut_ratio: float = 0.0
+    max_images_per_round: int = 0
+    serve_sampling: bool = True
+    code_sha256: str = ""
+
+    @classmethod
+    def of(cls, nc: dict) -> "Policy":
+        protocols = tuple(p.strip() for p in str(nc.get("allow-protocols", ",".join(PROTOCOLS)))
+                          .split(",") if p.strip())
+        unknown = sorted(set(protocols) - set(PROTOCOLS))
+        if unknown or not protocols:
+            raise ValueError(f"node_config allow-protocols: {unknown or 'empty'}; choose from "
+                             f"{PROTOCOLS}")
+        return cls(protocols, float(nc.get("min-cut-ratio", 0.0)),
+                   int(nc.get("max-images-per-round", 0)),
+                   _truthy(nc.get("serve-sampling", True)), str(nc.get("code-sha256", "")))
+
+    def refusal(self, cfg, server_digest: str, batches: int = 0, sampling: bool = False) -> str | None:
+        """Why this node declines the request (None: it accepts)."""
+        own = code_digest()
+        if self.code_sha256 and own != self.code_sha256:
+            return f"this node's CollaFuse code is {own[:12]}, its policy pins {self.code_sha256[:12]}"
+        if server_digest != own:
+            return (f"the server runs CollaFuse code {server_digest[:12]}, this node "
+                    f"{own[:12]}; install the same version on both")
+        if cfg.train.protocol not in self.protocols:
+            return f"protocol {cfg.train.protocol!r} not allowed (allowed: {', '.join(self.protocols)})"
+        if cfg.diffusion.cut_ratio < self.min_cut_ratio:
+            return f"cut ratio {cfg.diffusion.cut_ratio} below this node's minimum {self.min_cut_ratio}"
+        images = batches * cfg.train.batch_size
+        if self.max_images_per_round and images > self.max_images_per_round:
+            return f"{images} images per round asked, this node allows {self.max_images_per_round}"
+        if sampling and not self.serve_sampling:
+            return "this node does not serve sampling requests"
+        return None
+
+
+@dataclass
+class Node:
+    """Who this node is and where it keeps things (from node_config, never from the server)."""
+
+    client_id: str
+    state_dir: Path
+    data_path: Path | None  # None: my partition of cfg.data.path (simulation engine)
+    out_dir: Path
+    policy: Policy
+
+    @classmethod
+    def of(cls, context: Context) -> "Node":
+        nc, rc = context.node_config, context.run_config
+        if "client-id" in nc:
+            cid = str(nc["client-id"])
+            state_dir = Path(str(node_setting(nc, "state-dir")))
+            data = nc.get("data-path")
+            data_path = Path(str(data)) if data not in (None, "", "partition") else None
+        else:  # simulation engine: virtual nodes only know their partition id
+            ids = [s.strip() for s in str(rc.get("sim-clients", "")).split(",") if s.strip()]
+            pid = int(node_setting(nc, "partition-id"))
+            if pid >= len(ids):
+                raise ValueError(f"simulation node {pid}: run config sim-clients={ids} names too few clients")
+            cid = ids[pid]
+            root = str(rc.get("sim-state-dir", "")) or str(Path(str(rc["run-dir"])) / "sim-nodes")
+            state_dir = Path(root).expanduser().resolve() / cid
+            data_path = None
+        out_dir = Path(str(nc.get("out-dir") or state_dir / "samples"))
+        return cls(cid, state_dir, data_path, out_dir, Policy.of(nc))
+
+    def refuse(self, msg: Message, reason: str) -> Message:
+        info("refused %s: %s", msg.metadata.message_type, reason)
+        return Message(content=transport.pack([], {"client-id": self.client_id, "refused": reason}),
+                       reply_to=msg)
+
+
+def _request(msg: Message, max_count: int = 0, max_array_bytes: int = 4096):
+    """The request's (arrays, metadata, config), checked: exactly the expected keys and types."""
     from .server_app import config_from_text
 
-    _, meta = transport.unpack(msg.content)
-    cfg_text = str(meta["config-toml"])
-    cfg = config_from_text(cfg_text)
-    cid, state_dir, data_path, out_dir = _identity(context)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = state_dir / CONFIG_FILE
-    if cfg_file.is_file():
-        if cfg_file.read_text() != cfg_text:
-            raise ConfigError(f"{cfg_file}: this node's state belongs to a run with another config; "
-                              "use a fresh state-dir for a new run")
-    else:
+    schema = REQUESTS[msg.metadata.message_type]
+    try:
+        arrays, meta = transport.unpack(msg.content, max_count, max_array_bytes)
+    except transport.TransportError as err:
+        raise RequestError(f"malformed request: {err}") from None
+    bad = [k for k, kind in schema.items()
+           if not isinstance(meta.get(k), kind) or isinstance(meta.get(k), bool)]
+    if set(meta) != set(schema) or bad:
+        raise RequestError(f"request keys {sorted(meta)} (bad: {bad}), expected {sorted(schema)}")
+    if meta.get("round", 0) < 0 or not 1 <= meta.get("batches", 1) <= 10_000:
+        raise RequestError(f"round {meta.get('round')} / batches {meta.get('batches')} out of range")
+    return arrays, meta, config_from_text(meta["config-toml"])
+
+
+def _record_config(node: Node, cfg_text: str) -> None:
+    """The run's config, as first sent; a node's state belongs to one run."""
+    from ...config import ConfigError
+
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = node.state_dir / CONFIG_FILE
+    if not cfg_file.is_file():
         write_text(cfg_file, cfg_text)
-    progress = {"round": 0}
-    if (state_dir / PROGRESS_FILE).is_file():
-        progress = json.loads((state_dir / PROGRESS_FILE).read_text())
-    return cfg, meta, cid, state_dir, data_path, out_dir, progress
+    elif cfg_file.read_text() != cfg_text:
+        raise ConfigError(f"{cfg_file}: this node's state belongs to a run with another config; "
+                          "use a fresh state-dir for a new run")
 
 
-def _images(cfg, cid: str, data_path: Path | None):
-    """The node's training images, exactly as the in-process engine would give them."""
-    if data_path is None:
+def _source_key(cfg, node: Node) -> str:
+    """What the cached images depend on: the data settings, the seed and the source file."""
+    source = node.data_path
+    stamp = [str(source), source.stat().st_size, source.stat().st_mtime_ns] if source else ["partition"]
+    text = json.dumps([cfg.to_dict()["data"], cfg.run.seed, node.client_id, stamp], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _num_images(cfg, node: Node) -> int:
+    """The image count, from the cache's index when it is current (no torch import)."""
+    key_file = node.state_dir / IMAGES_KEY
+    if key_file.is_file():
+        index = json.loads(key_file.read_text())
+        if index["key"] == _source_key(cfg, node) and (node.state_dir / IMAGES_CACHE).is_file():
+            return int(index["num-images"])
+    return len(_images(cfg, node))
+
+
+def _images(cfg, node: Node):
+    """The node's training images exactly as the in-process engine would give them, from the
+    node's cache when current, else made from the source and cached."""
+    from ...data import load_images, normalise_intensity, save_images, split_holdout
+
+    key, cache = _source_key(cfg, node), node.state_dir / IMAGES_CACHE
+    key_file = node.state_dir / IMAGES_KEY
+    if key_file.is_file() and json.loads(key_file.read_text())["key"] == key and cache.is_file():
+        return load_images(cache)
+    if node.data_path is None:
         from ...factory import load_client_data
 
         parts = load_client_data(cfg).clients
-        if cid not in parts:
-            raise ValueError(f"client {cid!r} is not a partition of {cfg.data.path} (have {sorted(parts)})")
-        return parts[cid]
-    from ...data import load_images, normalise_intensity, split_holdout
-
-    images = load_images(data_path, image_size=cfg.data.image_size, channels=cfg.data.channels)
-    images.images = normalise_intensity(images.images, cfg.data.intensity)
-    if cfg.data.client_holdout_fraction:
-        images, _ = split_holdout(images, holdout_fraction=cfg.data.client_holdout_fraction,
-                                  seed=cfg.run.seed)
-    if cfg.data.max_images_per_client:
-        images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
+        if node.client_id not in parts:
+            raise ValueError(f"client {node.client_id!r} is not a partition of {cfg.data.path} "
+                             f"(have {sorted(parts)})")
+        images = parts[node.client_id]
+    else:
+        images = load_images(node.data_path, image_size=cfg.data.image_size,
+                             channels=cfg.data.channels)
+        images.images = normalise_intensity(images.images, cfg.data.intensity)
+        if cfg.data.client_holdout_fraction:
+            images, _ = split_holdout(images, holdout_fraction=cfg.data.client_holdout_fraction,
+                                      seed=cfg.run.seed)
+        if cfg.data.max_images_per_client:
+            images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
+    save_images(images, cache)
+    write_text(key_file, json.dumps({"key": key, "num-images": len(images)}))
     return images
 
 
-def _load_client(msg: Message, context: Context):
-    """The node's Client: made on first use, else restored from its state folder."""
+def _client(cfg, node: Node, context: Context):
+    """The node's Client, made afresh (its state is loaded by the caller)."""
     from ...factory import client_secret, make_client
 
-    cfg, meta, cid, state_dir, data_path, out_dir, progress = _config_and_identity(msg, context)
-    # The secret stays on this node's disk; the server never sees it or anything it is made from.
+    # the secret stays on this node's disk; the server never sees it or anything it is made from
     device = str(context.node_config.get("device") or "auto")  # the node's choice, not the server's
-    client = make_client(cfg, cid, _images(cfg, cid, data_path), client_secret(state_dir, cid),
-                         device=device)
-    if (state_dir / STATE_FILE).is_file():
-        client.load(state_dir / STATE_FILE)
-    return client, meta, cid, state_dir, out_dir, progress
+    return make_client(cfg, node.client_id, _images(cfg, node),
+                       client_secret(node.state_dir, node.client_id), device=device)
 
 
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    """Who is this node and how many images does it hold. No model is built here (the model
-    code is what makes a ClientApp process slow to start); the first ``train`` builds it."""
-    cfg, _, cid, _, data_path, _, progress = _config_and_identity(msg, context)
-    n = len(_images(cfg, cid, data_path))
-    info("hello: client %s, %d images, at round %d", cid, n, progress["round"])
-    return Message(content=transport.pack([], {"client-id": cid, "num-images": n,
-                                               "round": int(progress["round"])}), reply_to=msg)
+    node = Node.of(context)
+    _, meta, cfg = _request(msg)
+    if reason := node.policy.refusal(cfg, meta["code-digest"]):
+        return node.refuse(msg, reason)
+    _record_config(node, meta["config-toml"])
+    n = _num_images(cfg, node)
+    done = 0
+    if (node.state_dir / STATE_FILE).is_file():
+        from ...state import load_state
+
+        done = int(load_state(node.state_dir / STATE_FILE)["round"])
+    info("hello: client %s, %d images, at round %d", node.client_id, n, done)
+    return Message(content=transport.pack([], {"client-id": node.client_id, "num-images": n,
+                                               "round": done, "code-digest": code_digest()}),
+                   reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    node = Node.of(context)
+    _, meta, cfg = _request(msg)
+    if reason := node.policy.refusal(cfg, meta["code-digest"], batches=meta["batches"]):
+        return node.refuse(msg, reason)
+    _record_config(node, meta["config-toml"])
+    # one training at a time per node: the same round may arrive twice at once (a server
+    # restarted while the first request was being served)
+    with open(node.state_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train(msg, node, cfg, meta["round"], meta["batches"], context)
+
+
+def _train(msg: Message, node: Node, cfg, rnd: int, k: int, context: Context) -> Message:
+    import torch
+
     from ...messages import encode
+    from ...state import StateError, load_state, save_state
 
-    client, meta, cid, state_dir, _, progress = _load_client(msg, context)
-    if not client.resumable:
-        from ...state import StateError
+    path = node.state_dir / STATE_FILE
+    state = load_state(path) if path.is_file() else {"round": 0, "replies": {}, "losses": {}}
+    if rnd in state["replies"]:  # asked again: the same answer, no second training
+        encoded = [{name: t.numpy() for name, t in m.items()} for m in state["replies"][rnd]]
+        info("train: client %s round %d asked again; resending the stored reply", node.client_id, rnd)
+        return _train_reply(msg, node, rnd, encoded, state["losses"][rnd])
+    if rnd <= state["round"]:
+        raise RequestError(f"round {rnd} asked, this node has trained up to round "
+                           f"{state['round']} and keeps replies for {sorted(state['replies'])}")
+    client = _client(cfg, node, context)
+    if "client" in state:
+        client.load_state_dict(state["client"])
+        if not client.resumable:
+            raise StateError(f"{path}: saved on another kind of device than {client.device}; "
+                             "keep the node's device for the whole run")
+    encoded = [encode(m) for m in client.train_round(k)]
+    loss = float(client.last_loss or 0.0)
+    replies = {r: state["replies"][r] for r in sorted(state["replies"])[1 - KEEP_REPLIES:]}
+    losses = {r: state["losses"][r] for r in replies}
+    replies[rnd] = [{name: torch.from_numpy(a) for name, a in m.items()} for m in encoded]
+    losses[rnd] = loss
+    save_state({"client": client.state_dict(), "round": rnd, "replies": replies,
+                "losses": losses}, path)
+    info("train: client %s round %d, %d batches, %d bytes out", node.client_id, rnd, k,
+         transport.nbytes(encoded))
+    return _train_reply(msg, node, rnd, encoded, loss)
 
-        raise StateError(f"{state_dir / STATE_FILE}: saved on another kind of device than "
-                         f"{client.device}; keep the node's device for the whole run")
-    rnd, k = int(meta["round"]), int(meta["batches"])
-    out = client.train_round(k)
-    client.save(state_dir / STATE_FILE)
-    progress = {"round": rnd, "client-steps": client.steps}
-    write_json(state_dir / PROGRESS_FILE, progress)
-    encoded = [encode(m) for m in out]
-    info("train: client %s round %d, %d batches, %d bytes out", cid, rnd, k, transport.nbytes(encoded))
-    return Message(content=transport.pack(encoded, {"client-id": cid, "round": rnd,
-                                                    "client-loss": float(client.last_loss or 0.0)}),
-                   reply_to=msg)
+
+def _train_reply(msg: Message, node: Node, rnd: int, encoded: list, loss: float) -> Message:
+    return Message(content=transport.pack(encoded, {"client-id": node.client_id, "round": rnd,
+                                                    "client-loss": loss}), reply_to=msg)
 
 
 @app.query("sample")
 def sample(msg: Message, context: Context) -> Message:
-    from ...messages import MessageError, PartialSamples, decode
+    from ...messages import PartialSamples, decode
+    from ...state import load_state
     from ..local import save_samples
 
-    client, meta, cid, _, out_dir, _ = _load_client(msg, context)
-    arrays, _ = transport.unpack(msg.content)
-    if len(arrays) != 1:
-        raise MessageError(f"sample request for {cid}: expected one partial-samples message, got {len(arrays)}")
-    partial = decode(arrays[0])
-    if not isinstance(partial, PartialSamples):
-        raise MessageError(f"sample request for {cid}: expected partial-samples, got {partial.kind}")
-    seed = int(meta.get("seed", 0))
-    images = client.finish_samples(partial, seed).cpu()
-    png, npz = save_samples(out_dir, cid, images, partial.x)
-    info("sample: client %s wrote %d images to %s", cid, len(images), out_dir)
-    return Message(content=transport.pack([], {"client-id": cid, "png": str(png), "npz": str(npz),
-                                               "num-images": len(images)}), reply_to=msg)
+    node = Node.of(context)
+    arrays, meta, cfg = _request(msg, 1, MAX_SAMPLE_BYTES)
+    if reason := node.policy.refusal(cfg, meta["code-digest"], sampling=True):
+        return node.refuse(msg, reason)
+    _record_config(node, meta["config-toml"])
+    partial = decode(arrays[0]) if len(arrays) == 1 else None
+    if not isinstance(partial, PartialSamples) or partial.batch_size > MAX_SAMPLE_IMAGES:
+        raise RequestError(f"sample request: expected one partial-samples message of at most "
+                           f"{MAX_SAMPLE_IMAGES} images")
+    client = _client(cfg, node, context)
+    if (node.state_dir / STATE_FILE).is_file():
+        client.load_state_dict(load_state(node.state_dir / STATE_FILE)["client"])
+    images = client.finish_samples(partial, meta["seed"]).cpu()
+    png, npz = save_samples(node.out_dir, node.client_id, images, partial.x)
+    info("sample: client %s wrote %d images to %s", node.client_id, len(images), node.out_dir)
+    return Message(content=transport.pack([], {"client-id": node.client_id, "png": str(png),
+                                               "npz": str(npz), "num-images": len(images)}),
+                   reply_to=msg)

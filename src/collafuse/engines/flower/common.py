@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -23,19 +23,18 @@ def warn(msg: str, *args: Any) -> None:
     log(WARNING, LOG_PREFIX + msg, *args)
 
 
-def wait_for_nodes(grid: Any, min_nodes: int, timeout: float, poll: float = 0.5) -> list[int]:
-    """Wait until at least ``min_nodes`` SuperNodes are connected (or ``timeout`` passes).
+def code_digest() -> str:
+    """sha256 over the CollaFuse package's Python sources (path and bytes of each file).
 
-    Returns the sorted node ids that are connected when the wait ends (may be fewer than
-    ``min_nodes`` on timeout; the caller decides what to do).
-    """
-    deadline = time.monotonic() + timeout
-    nodes: list[int] = []
-    while True:
-        nodes = sorted(int(n) for n in grid.get_node_ids())
-        if len(nodes) >= min_nodes or time.monotonic() >= deadline:
-            return nodes
-        time.sleep(poll)
+    Server and nodes compare theirs before a run: a node runs its own installed CollaFuse
+    (Flower puts only the app bundle's root on the path), so two versions would otherwise
+    speak different protocols without noticing. A hospital may pin it (``code-sha256``)."""
+    root = Path(__file__).resolve().parents[2]  # the collafuse package
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,25 +1,28 @@
 """CollaFuse ServerApp: a thin Flower adapter over ``collafuse.server.Server``.
 
-Per round the server sends every connected node one ``train`` message asking for K batches,
+Per round the server sends every verified hospital one ``train`` message asking for K batches,
 receives each node's K encoded CollaFuse messages, and calls ``Server.train_step`` once per
 batch index on the union of the clients' messages (clients in the in-process engine's order),
 exactly as ``collafuse.engines.local`` does, so both engines give the same models under the
-same seed. The server state is saved to ``<run-dir>/server.pt`` every round (atomically); a
-restarted ServerApp with the same ``run-dir`` and config resumes after the last saved round.
+same seed. Rounds are pipelined: round r+1's requests go out as soon as round r's replies are
+in, so the nodes train while the server does.
 
-Faults: a node that fails or does not answer within ``round-timeout`` is logged and the
-round goes on with the replies that came. A node that connects during the run (a hospital
-whose SuperNode restarted after a crash gets a new node id) is greeted before the next round
-and serves its client again; the client resumes from its own disk. A reply that does not decode, has the wrong count
-or round, or holds a message the Server rejects (shape, dtype, NaN/inf, protocol, timesteps)
-is dropped whole with a logged reason before anything of it reaches the model.
+Identity (run config ``identity``): ``registered-name`` (default) binds a node to the client
+named at its registration (``flwr supernode register --name DU``, with SuperNode
+authentication); a node that claims another client is refused and logged. ``node-report``
+takes the node's word (insecure loopback tests and the simulation engine only). A client is
+served by one node at a time; ``min-nodes`` counts distinct verified clients.
 
-Run config (``[tool.flwr.app.config]`` in pyproject.toml, override with ``flwr run -c``):
-``task`` ("train"), ``config`` (CollaFuse TOML path; "" = defaults), ``overrides``
-(space-separated ``section.key=value``), ``run-dir`` (absolute path), ``rounds`` (0 = from the
-config), ``batches-per-round`` (0 = ``train.batches_per_round``), ``min-nodes``,
-``node-wait-timeout``, ``round-timeout`` (seconds), ``sample-n`` (split inference per node
-after training; 0 = none), ``sim-clients`` / ``sim-state-dir`` (simulation engine only).
+Every reply goes through :mod:`.replies`: anything unexpected is a logged rejection of that
+node's contribution for that round, never a crash. A node that fails or does not answer within
+``round-timeout`` is left out of that round; a node whose hello failed is asked again later.
+
+Crash safety: ``<run-dir>/server.pt`` holds the server's state and its progress in one atomic
+file, written after every round; a restarted ServerApp with the same run-dir and config
+resumes after the last saved round. Nodes keep their last replies, so a round asked again is
+answered again, never trained twice.
+
+Run config (``[tool.flwr.app.config]`` in pyproject.toml; docs/deployment.md has the table).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import re
 import shlex
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -36,17 +40,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import transport
 from ...state import write_text
-from .common import write_json, info, wait_for_nodes, warn
+from .common import code_digest, info, warn, write_json
+from .replies import RejectedReply, accept_hello, accept_sample, accept_train, one_line
 
 app = ServerApp()
 
 SERVER_STATE = "server.pt"
-PROGRESS = "progress.json"
 METRICS = "metrics.jsonl"
-
-
-class RejectedReply(ValueError):
-    """A node's reply that must not reach the model (one-line reason)."""
+RESULT = "flower-result.json"
+IDENTITIES = ("registered-name", "node-report")
+POLL = 0.1  # seconds between pulls of replies (Flower's own send_and_receive sleeps 3 s)
 
 
 def config_from_text(text: str):
@@ -64,6 +67,45 @@ def load_run_config(context: Context):
     return load_config(path, overrides)
 
 
+@dataclass
+class Settings:
+    """The run config's keys, checked once (a typo fails the run before any node is asked)."""
+
+    task: str
+    run_dir: Path
+    rounds: int
+    batches_per_round: int
+    min_nodes: int
+    node_wait_timeout: float
+    round_timeout: float
+    sample_n: int
+    sample_timeout: float
+    identity: str
+
+    @classmethod
+    def of(cls, rc: dict, cfg) -> "Settings":
+        s = cls(task=str(rc.get("task", "train")),
+                run_dir=Path(str(rc.get("run-dir", "runs/flower"))).expanduser().resolve(),
+                rounds=int(rc.get("rounds", 0)),
+                batches_per_round=int(rc.get("batches-per-round", 0)) or cfg.train.batches_per_round,
+                min_nodes=int(rc.get("min-nodes", 1)),
+                node_wait_timeout=float(rc.get("node-wait-timeout", 120.0)),
+                round_timeout=float(rc.get("round-timeout", 600.0)),
+                sample_n=int(rc.get("sample-n", 0)),
+                sample_timeout=float(rc.get("sample-timeout", 1800.0)),
+                identity=str(rc.get("identity", "registered-name")))
+        if s.task not in ("train", "sample"):
+            raise ValueError(f"run config task={s.task!r}: expected 'train' or 'sample'")
+        if s.identity not in IDENTITIES:
+            raise ValueError(f"run config identity={s.identity!r}: expected one of {IDENTITIES}")
+        if s.rounds < 0 or s.batches_per_round < 1 or s.min_nodes < 1 or s.sample_n < 0:
+            raise ValueError("run config: rounds and sample-n must be >= 0, batches-per-round "
+                             "and min-nodes >= 1")
+        if min(s.node_wait_timeout, s.round_timeout, s.sample_timeout) <= 0:
+            raise ValueError("run config: timeouts must be > 0 seconds")
+        return s
+
+
 def client_order(cfg, client_ids) -> list[str]:
     """The in-process engine's client order: config order for sites, else natural sort."""
     ids = list(client_ids)
@@ -73,187 +115,284 @@ def client_order(cfg, client_ids) -> list[str]:
     return sorted(ids, key=lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
 
 
-def accept_reply(server, content: RecordDict, expected_round: int, num_batches: int):
-    """Decode and check one node's train reply: returns (client-id, messages, meta).
+class Exchange:
+    """Requests in flight: pushed to nodes now, replies pulled later (Grid.push/pull_messages),
+    so the server can work while nodes do. ``ttl`` bounds each request's round trip at the
+    SuperLink too; ``group_id`` names the round."""
 
-    Raises RejectedReply (nothing of the reply may reach the model) on any problem.
-    """
-    from ...messages import MessageError, decode
+    def __init__(self, grid: Grid, message_type: str, contents: dict[int, RecordDict],
+                 ttl: float, group_id: str):
+        self.grid = grid
+        out = [Message(content=c, dst_node_id=n, message_type=message_type, ttl=ttl,
+                       group_id=group_id) for n, c in contents.items()]
+        ids = list(grid.push_messages(out)) if out else []
+        self.asked = {mid: n for mid, n in zip(ids, contents) if mid}
+        self.nodes = list(contents)
+        self.deadline = time.monotonic() + ttl
+        self.ttl = ttl
 
-    try:
-        arrays, meta = transport.unpack(content)
-    except transport.TransportError as err:
-        raise RejectedReply(f"malformed record: {err}") from None
-    cid = str(meta.get("client-id", "?"))
-    if meta.get("round") != expected_round:
-        raise RejectedReply(f"client {cid}: reply for round {meta.get('round')!r}, expected {expected_round}")
-    if len(arrays) != num_batches:
-        raise RejectedReply(f"client {cid}: {len(arrays)} messages, expected {num_batches}")
-    msgs = []
-    for i, a in enumerate(arrays):
-        try:
-            m = decode(a)
-            if m.client_id != cid:
-                raise MessageError(f"{m.kind}: says client {m.client_id!r}, sent by {cid!r}")
-            server.check(m)
-        except MessageError as err:
-            raise RejectedReply(f"client {cid}, message {i}: {err}") from None
-        msgs.append(m)
-    return cid, msgs, meta
-
-
-def _send(grid: Grid, nodes, message_type: str, contents: dict[int, RecordDict], timeout: float):
-    """send_and_receive; returns ({node: reply content}, {node: failure reason})."""
-    out = [Message(content=contents[n], dst_node_id=n, message_type=message_type) for n in nodes]
-    replies = grid.send_and_receive(out, timeout=timeout)
-    # match replies by the message they answer: an error made by the SuperLink itself (e.g. the
-    # node went offline) comes from the SuperLink's own node id, not from the node asked
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in out if m.metadata.message_id}
-    ok, failed = {}, {}
-    for r in replies:
-        src = asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-        if src not in contents:
-            warn("%s: reply from unexpected node %s ignored", message_type, src)
-            continue
-        if r.has_error():
-            failed[src] = f"error {r.error.code}: {r.error.reason}"
-        else:
-            ok[src] = r.content
-    for n in nodes:
-        if n not in ok and n not in failed:
-            failed[n] = f"no reply within {timeout:.0f}s"
-    return ok, failed
+    def collect(self) -> tuple[dict[int, Message], dict[int, str]]:
+        """({node: reply}, {node: why there is none}); waits until all replied or ttl passed."""
+        replies: dict[int, Message] = {}
+        pending = set(self.asked)
+        while pending and time.monotonic() < self.deadline:
+            for r in self.grid.pull_messages(list(pending)):
+                # match by the request answered: an error made by the SuperLink itself (the
+                # node went offline, ttl expired) comes from the SuperLink's own node id
+                mid = r.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies[self.asked[mid]] = r
+            if pending:
+                time.sleep(POLL)
+        failed = {n: f"no reply within {self.ttl:.0f}s" for n in self.nodes if n not in replies}
+        return replies, failed
 
 
-def greet(grid: Grid, nodes, cfg_text: str, done: int, timeout: float, names: dict, node_of: dict) -> None:
-    """Send ``query.hello`` to ``nodes``; record who answered (a client id seen before moves
-    to the node that answered now, e.g. a hospital that came back after a crash)."""
-    hello_meta = {"config-toml": cfg_text, "round": done}
-    ok, failed = _send(grid, nodes, "query.hello", {n: transport.pack([], hello_meta) for n in nodes}, timeout)
-    for n, why in failed.items():
-        names[n] = {"client-id": None}  # do not ask this node again
-        warn("node %s left out: hello failed (%s)", n, why)
-    for n, content in ok.items():
-        try:
-            _, meta = transport.unpack(content)
-            cid = str(meta["client-id"])
-            int(meta["num-images"])
-        except (transport.TransportError, KeyError, TypeError, ValueError) as err:
-            names[n] = {"client-id": None}
-            warn("node %s left out: bad hello reply (%s)", n, err)
-            continue
-        names[n] = meta
-        if cid in node_of and node_of[cid] != n:
-            info("client %s is back on node %s (was node %s); it resumes from its disk at round %s",
-                 cid, n, node_of[cid], meta.get("round"))
-        node_of[cid] = n
+class Roster:
+    """Which verified client each node serves, from hello replies and Flower's node registry."""
+
+    def __init__(self, cfg, cfg_text: str, identity: str, timeout: float):
+        self.cfg, self.cfg_text, self.identity, self.timeout = cfg, cfg_text, identity, timeout
+        self.digest = code_digest()
+        self.known = set(cfg.data.clients) if cfg.data.partition == "site" else None
+        self.node_of: dict[str, int] = {}  # client id -> the node serving it now
+        self.num_images: dict[str, int] = {}
+        self.retry_at: dict[int, float] = {}  # nodes whose hello failed: when to ask again
+        self.failures: dict[int, int] = {}
+        if identity == "node-report":
+            warn("identity='node-report': a node's client id is its own word (insecure; "
+                 "use registered-name with SuperNode authentication for a real deployment)")
+
+    @property
+    def order(self) -> list[str]:
+        return client_order(self.cfg, self.node_of)
+
+    def greet(self, grid: Grid, done: int) -> None:
+        """Say hello to nodes not yet bound (new, back after a crash, or due a retry)."""
+        now = time.monotonic()
+        nodes = {int(i.node_id): i for i in grid.get_nodes()}
+        bound = set(self.node_of.values())
+        new = sorted(n for n in nodes if n not in bound and self.retry_at.get(n, 0) <= now)
+        if not new:
+            return
+        meta = {"config-toml": self.cfg_text, "round": done, "code-digest": self.digest}
+        replies, failed = Exchange(grid, "query.hello", {n: transport.pack([], meta) for n in new},
+                                   self.timeout, "hello").collect()
+        for n in new:
+            try:
+                if n in failed:
+                    raise RejectedReply(failed[n])
+                hello = accept_hello(replies[n], lambda cid: self._may_serve(nodes, n, cid),
+                                     self.digest)
+            except RejectedReply as err:
+                self.failures[n] = self.failures.get(n, 0) + 1
+                wait = min(60.0, 5.0 * 2 ** (self.failures[n] - 1))
+                self.retry_at[n] = time.monotonic() + wait
+                warn("node %s left out (asked again in %.0fs): %s", n, wait, err)
+                continue
+            cid = hello["client-id"]
+            if cid in self.node_of:
+                info("client %s is back on node %s (was node %s); it resumes from its disk at "
+                     "round %d", cid, n, self.node_of[cid], hello["round"])
+            self.node_of[cid] = n
+            self.num_images[cid] = hello["num-images"]
+            self.failures.pop(n, None)
+
+    def _may_serve(self, nodes: dict, n: int, cid: str) -> None:
+        """Raise RejectedReply unless node ``n`` may serve client ``cid``."""
+        if self.known is not None and cid not in self.known:
+            raise RejectedReply(f"claims client {cid!r}, not one of the run's {sorted(self.known)}")
+        if self.identity == "registered-name":
+            name = nodes[n].name if nodes[n].HasField("name") else ""
+            if not name:
+                raise RejectedReply(f"claims client {cid!r} but was registered without a name "
+                                    "(flwr supernode register --name <client-id>)")
+            if name != cid:
+                raise RejectedReply(f"registered as {name!r}, claims client {cid!r}: refused")
+        other = self.node_of.get(cid)
+        if other is not None and other != n and other in nodes:
+            raise RejectedReply(f"claims client {cid!r}, which node {other} serves: refused")
+
+
+def wait_for_clients(grid: Grid, roster: Roster, settings: Settings, done: int) -> None:
+    """Greet nodes until ``min-nodes`` distinct clients are verified or the wait times out."""
+    deadline = time.monotonic() + settings.node_wait_timeout
+    while True:
+        roster.greet(grid, done)
+        if len(roster.node_of) >= settings.min_nodes or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if not roster.node_of:
+        raise RuntimeError("no verified client among the connected nodes")
+    if len(roster.node_of) < settings.min_nodes:
+        warn("only %d verified client(s) (%s) after %.0fs, min-nodes=%d; going on",
+             len(roster.node_of), roster.order, settings.node_wait_timeout, settings.min_nodes)
+
+
+def resume(server, settings: Settings, cfg_text: str) -> dict:
+    """The run's progress: fresh, or the one saved with the server's state in run-dir."""
+    from ...state import load_state
+    from ..local import truncate_metrics
+
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.toml"
+    if not config_file.is_file():
+        write_text(config_file, cfg_text)
+        return {"round": 0, "batches-per-round": settings.batches_per_round}
+    if config_file.read_text() != cfg_text:
+        raise ValueError(f"{run_dir}: holds a run with another config; choose another run-dir")
+    if not (run_dir / SERVER_STATE).is_file():
+        return {"round": 0, "batches-per-round": settings.batches_per_round}
+    state = load_state(run_dir / SERVER_STATE)
+    progress = state["progress"]
+    if settings.task == "train" and progress["batches-per-round"] != settings.batches_per_round:
+        raise ValueError(f"{run_dir}: trained with batches-per-round="
+                         f"{progress['batches-per-round']}, asked for {settings.batches_per_round}; "
+                         "resume with the same value")
+    server.load_state_dict(state["server"])
+    if not server.resumable:
+        raise ValueError(f"{run_dir / SERVER_STATE}: saved on another kind of device than "
+                         f"{server.device}; resume the server there")
+    truncate_metrics(run_dir / METRICS, progress["round"])
+    info("resuming %s after round %d", run_dir, progress["round"])
+    return progress
+
+
+def save(server, progress: dict, run_dir: Path) -> None:
+    """The server's state and its progress in one atomic file: never one without the other."""
+    from ...state import save_state
+
+    save_state({"server": server.state_dict(), "progress": progress}, run_dir / SERVER_STATE)
 
 
 def train(grid: Grid, context: Context) -> dict:
     from ...factory import make_server, total_rounds
-    from ...messages import SampleRequest, encode
 
-    rc = context.run_config
     cfg = load_run_config(context)
     cfg_text = cfg.to_toml()
-    run_dir = Path(str(rc.get("run-dir", "runs/flower"))).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    K = int(rc.get("batches-per-round", 0)) or cfg.train.batches_per_round
-    round_timeout = float(rc.get("round-timeout", 600.0))
-
+    settings = Settings.of(context.run_config, cfg)
+    K = settings.batches_per_round
     server = make_server(cfg)
-    progress = {"round": 0}
-    if (run_dir / "config.toml").is_file():
-        if (run_dir / "config.toml").read_text() != cfg_text:
-            raise ValueError(f"{run_dir}: holds a run with another config; choose another run-dir")
-        if (run_dir / SERVER_STATE).is_file():
-            server.load(run_dir / SERVER_STATE)
-            if not server.resumable:
-                raise ValueError(f"{run_dir / SERVER_STATE}: saved on another kind of device "
-                                 f"than {server.device}; resume the server there")
-            progress = json.loads((run_dir / PROGRESS).read_text())
-            info("resuming %s after round %d", run_dir, progress["round"])
-    else:
-        write_text(run_dir / "config.toml", cfg_text)
+    progress = resume(server, settings, cfg_text)
+    roster = Roster(cfg, cfg_text, settings.identity, min(settings.round_timeout, 120.0))
+    wait_for_clients(grid, roster, settings, progress["round"])
+    rounds = settings.rounds or total_rounds(cfg, list(roster.num_images.values()), K)
+    info("clients %s on nodes %s; %d round(s) of %d batch(es)", roster.order,
+         [roster.node_of[c] for c in roster.order], rounds, K)
 
-    nodes = wait_for_nodes(grid, int(rc.get("min-nodes", 1)), float(rc.get("node-wait-timeout", 120.0)))
-    if not nodes:
-        raise RuntimeError("no SuperNode connected")
-    names: dict[int, dict] = {}  # node id -> its hello reply (client-id, num-images, round)
-    node_of: dict[str, int] = {}  # client id -> the node that serves it now
-    greet(grid, nodes, cfg_text, progress["round"], round_timeout, names, node_of)
-    if not node_of:
-        raise RuntimeError(f"none of the nodes {nodes} answered hello")
-    order = client_order(cfg, node_of)
-    sizes = [int(names[node_of[c]]["num-images"]) for c in order]
-    rounds = int(rc.get("rounds", 0)) or total_rounds(cfg, sizes)
-    info("clients %s on nodes %s; %d round(s) of %d batch(es)", order, [node_of[c] for c in order], rounds, K)
+    def ask(rnd: int) -> tuple[Exchange, dict[int, str]]:
+        roster.greet(grid, rnd - 1)  # a node that (re)connected serves from this round on
+        clients = {roster.node_of[c]: c for c in roster.order}
+        meta = {"config-toml": cfg_text, "round": rnd, "batches": K, "code-digest": roster.digest}
+        contents = {n: transport.pack([], meta) for n in clients}
+        return Exchange(grid, "train", contents, settings.round_timeout, str(rnd)), clients
 
-    with open(run_dir / METRICS, "a") as log:
+    inflight = ask(progress["round"] + 1) if progress["round"] < rounds else None
+    with open(settings.run_dir / METRICS, "a") as log:
         while progress["round"] < rounds:
             rnd = progress["round"] + 1
             start = time.perf_counter()
-            # a node that (re)connected since the last round: a hospital that came back after a
-            # crash gets a new node id; its hello names its client and it rejoins from its disk
-            new = sorted({int(n) for n in grid.get_node_ids()} - set(names))
-            if new:
-                greet(grid, new, cfg_text, progress["round"], round_timeout, names, node_of)
-                order = client_order(cfg, node_of)
-            meta = {"config-toml": cfg_text, "round": rnd, "batches": K}
-            targets = [node_of[c] for c in order]
-            ok, failed = _send(grid, targets, "train", {n: transport.pack([], meta) for n in targets},
-                               round_timeout)
-            inbox, nbytes, problems = {}, {}, {}
-            for n, why in failed.items():
-                problems[names[n]["client-id"]] = why
-                warn("round %d: node %s (client %s) failed: %s; going on without it",
-                     rnd, n, names[n]["client-id"], why)
-            for n, content in ok.items():
+            exchange, clients = inflight
+            replies, failed = exchange.collect()
+            # pipelining: the nodes start round rnd+1 while the server trains on round rnd
+            inflight = ask(rnd + 1) if rnd < rounds else None
+            inbox, losses, nbytes, problems = {}, {}, {}, {}
+            for n, cid in clients.items():
                 try:
-                    cid, msgs, _ = accept_reply(server, content, rnd, K)
-                    if node_of.get(cid) != n:
-                        raise RejectedReply(f"node {n} claims to be client {cid!r}")
+                    if n in failed:
+                        raise RejectedReply(failed[n])
+                    inbox[cid], losses[cid] = accept_train(server, replies[n], cid, rnd, K,
+                                                           cfg.train.batch_size)
+                    nbytes[cid] = sum(m.nbytes for m in inbox[cid])
                 except RejectedReply as err:
-                    problems[str(names[n]["client-id"])] = f"rejected: {err}"
-                    warn("round %d: rejected reply of node %s: %s", rnd, n, err)
-                    continue
-                inbox[cid] = msgs
-                nbytes[cid] = sum(m.nbytes for m in msgs)
-            answered = [c for c in order if c in inbox]
-            losses = [server.train_step([inbox[c][k] for c in answered]) for k in range(K)] if answered else []
-            server.save(run_dir / SERVER_STATE)
-            progress = {"round": rnd, "rounds": rounds, "server-steps": server.steps}
-            write_json(run_dir / PROGRESS, progress)
-            losses = [x.item() for x in losses if x is not None]
+                    problems[cid] = str(err)
+                    warn("round %d: node %s (client %s) left out of this round: %s",
+                         rnd, n, cid, err)
+            answered = client_order(cfg, inbox)
+            steps = [server.train_step([inbox[c][k] for c in answered]) for k in range(K)] \
+                if answered else []
+            progress = {"round": rnd, "rounds": rounds, "batches-per-round": K,
+                        "server-steps": server.steps}
+            save(server, progress, settings.run_dir)
+            steps = [x.item() for x in steps if x is not None]
             line = {"round": rnd, "clients": answered, "problems": problems,
-                    "server_loss": sum(losses) / len(losses) if losses else None,
-                    "bytes": nbytes, "seconds": time.perf_counter() - start}
+                    "server_loss": sum(steps) / len(steps) if steps else None,
+                    "client_loss": losses, "bytes": nbytes,
+                    "seconds": time.perf_counter() - start}
             log.write(json.dumps(line) + "\n")
             log.flush()
             info("round %d/%d: %d/%d clients, server loss %s, %.1fs", rnd, rounds, len(answered),
-                 len(order), line["server_loss"], line["seconds"])
+                 len(clients), line["server_loss"], line["seconds"])
+    return finish(grid, server, roster, cfg, settings, progress)
 
-    result = {"rounds": progress["round"], "clients": order}
-    n_samples = int(rc.get("sample-n", 0))
-    if n_samples > 0:
-        seed = cfg.sample.seed
-        contents = {}
-        for c in order:
-            partial = server.generate(SampleRequest(client_id=c, num_samples=n_samples, seed=seed))
-            contents[node_of[c]] = transport.pack([encode(partial)], {"config-toml": cfg_text, "seed": seed})
-        ok, failed = _send(grid, [node_of[c] for c in order], "query.sample", contents, round_timeout)
-        for n, why in failed.items():
-            warn("sampling: node %s failed: %s", n, why)
-        result["samples"] = {str(transport.unpack(c)[1]["client-id"]): transport.unpack(c)[1]
-                             for c in ok.values()}
-        info("sampling: %d/%d clients stored their images", len(ok), len(order))
-    write_json(run_dir / "flower-result.json", result)
+
+def finish(grid: Grid, server, roster: Roster, cfg, settings: Settings, progress: dict) -> dict:
+    """Split inference if asked, and the run's result file (samples of earlier calls kept)."""
+    path = settings.run_dir / RESULT
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result.update({"rounds": progress["round"], "clients": roster.order})
+    result.setdefault("samples", {})
+    if settings.sample_n > 0:
+        result["samples"].update(sample(grid, server, roster, cfg, settings))
+    write_json(path, result)
     return result
+
+
+def sample(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> dict[str, dict]:
+    """Split inference: the server generates every client's hand-over in one batch (its own
+    stream for ``sample.seed``; client i gets rows i*n..(i+1)*n), each node finishes its own on
+    its disk and answers only where the images are."""
+    from ...messages import PartialSamples, SampleRequest, encode
+
+    n, order = settings.sample_n, roster.order
+    info("sampling: generating %d hand-overs for %s", n * len(order), order)
+    partial = server.generate(SampleRequest(client_id="server", num_samples=n * len(order),
+                                            seed=cfg.sample.seed))
+    meta = {"config-toml": roster.cfg_text, "seed": cfg.sample.seed, "code-digest": roster.digest}
+    contents, clients = {}, {}
+    for i, cid in enumerate(order):
+        part = PartialSamples(client_id=cid, x=partial.x[i * n:(i + 1) * n].cpu(), cut=partial.cut)
+        contents[roster.node_of[cid]] = transport.pack([encode(part)], meta)
+        clients[roster.node_of[cid]] = cid
+    replies, failed = Exchange(grid, "query.sample", contents, settings.sample_timeout,
+                               "sample").collect()
+    stored = {}
+    for node, cid in clients.items():
+        try:
+            if node in failed:
+                raise RejectedReply(failed[node])
+            stored[cid] = accept_sample(replies[node], cid, n)
+        except RejectedReply as err:
+            warn("sampling: node %s (client %s): %s", node, cid, err)
+    info("sampling: %d/%d clients stored their images", len(stored), len(order))
+    return stored
+
+
+def sample_only(grid: Grid, context: Context) -> dict:
+    """task='sample': split inference from a run's saved server, without training."""
+    from ...factory import make_server
+
+    cfg = load_run_config(context)
+    settings = Settings.of(context.run_config, cfg)
+    if settings.sample_n < 1:
+        raise ValueError("task='sample' needs sample-n >= 1")
+    if not (settings.run_dir / SERVER_STATE).is_file():
+        raise ValueError(f"{settings.run_dir}: no {SERVER_STATE} to sample from")
+    server = make_server(cfg)
+    progress = resume(server, settings, cfg.to_toml())
+    roster = Roster(cfg, cfg.to_toml(), settings.identity, min(settings.sample_timeout, 120.0))
+    wait_for_clients(grid, roster, settings, progress["round"])
+    return finish(grid, server, roster, cfg, settings, progress)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     task = str(context.run_config.get("task", "train"))
-    if task != "train":
-        raise ValueError(f"run config task={task!r}: expected 'train'")
-    train(grid, context)
+    if task == "sample":
+        sample_only(grid, context)
+    elif task == "train":
+        train(grid, context)
+    else:
+        raise ValueError(f"run config task={one_line(task)!r}: expected 'train' or 'sample'")

@@ -79,12 +79,17 @@ def pack(
     return RecordDict(records)
 
 
-def unpack(content: RecordDict) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+def unpack(content: RecordDict, max_count: int | None = None,
+           max_array_bytes: int | None = None) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """Inverse of :func:`pack`: return ``(list of array dicts, metadata)``.
 
     Raises :class:`TransportError` if the record layout is not exactly what
-    :func:`pack` writes (missing/extra records, wrong count, object arrays, ...).
+    :func:`pack` writes (missing/extra records, wrong count, object arrays, ...), or if it
+    holds more than ``max_count`` messages or an array of more than ``max_array_bytes``
+    (checked before any array is read).
     """
+    if not isinstance(content, RecordDict):
+        raise TransportError(f"content is a {type(content).__name__}, expected RecordDict")
     if META_KEY not in content:
         raise TransportError(f"record has no {META_KEY!r} config record")
     meta_rec = content[META_KEY]
@@ -97,6 +102,8 @@ def unpack(content: RecordDict) -> tuple[list[dict[str, np.ndarray]], dict[str, 
     count = meta.pop("count", None)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise TransportError(f"bad message count {count!r}")
+    if max_count is not None and count > max_count:
+        raise TransportError(f"{count} messages, at most {max_count} expected")
 
     expected = {msg_key(i) for i in range(count)} | {META_KEY}
     present = set(content.keys())
@@ -112,6 +119,9 @@ def unpack(content: RecordDict) -> tuple[list[dict[str, np.ndarray]], dict[str, 
             raise TransportError(f"{msg_key(i)} is a {type(rec).__name__}, expected ArrayRecord")
         arrays: dict[str, np.ndarray] = {}
         for name, arr in rec.items():
+            if max_array_bytes is not None and len(arr.data) > max_array_bytes:
+                raise TransportError(f"{msg_key(i)}: field {name!r} holds {len(arr.data)} bytes, "
+                                     f"at most {max_array_bytes} expected")
             try:
                 nd = arr.numpy()
             except Exception as err:  # np.load(allow_pickle=False) refuses object arrays
