@@ -197,3 +197,23 @@ def test_identity_binding(tmp_path):
         loose._may_serve(nodes, 3, "HT")
     del nodes[2]  # HT's old node is gone (offline): a restarted node may take over
     loose._may_serve(nodes, 3, "HT")
+
+
+def test_resume_keeps_batches_per_round(tmp_path):
+    """The server's state and progress are one file; a resume with another K is refused."""
+    from collafuse.engines.flower.server_app import Settings, resume, save
+
+    cfg = load_config(tiny_config(tmp_path))
+    rc = {"run-dir": str(tmp_path / "run"), "batches-per-round": 2}
+    server = make_server(cfg)
+    progress = resume(server, Settings.of(rc, cfg), cfg.to_toml())
+    assert progress == {"round": 0, "batches-per-round": 2}
+    save(server, {**progress, "round": 3}, tmp_path / "run")
+    assert resume(make_server(cfg), Settings.of(rc, cfg), cfg.to_toml())["round"] == 3
+    with pytest.raises(ValueError, match="batches-per-round=2, asked for 1"):
+        resume(make_server(cfg), Settings.of({**rc, "batches-per-round": 1}, cfg), cfg.to_toml())
+    with pytest.raises(ValueError, match="another config"):
+        other = load_config(tiny_config(tmp_path, protocol="noisy-data"))
+        resume(make_server(other), Settings.of(rc, other), other.to_toml())
+    with pytest.raises(ValueError, match="identity"):
+        Settings.of({**rc, "identity": "trust-me"}, cfg)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -73,7 +75,7 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     state-dir: round 3 goes on with DU alone (logged), HT is back from round 4, resuming from
     its disk. The ServerApp is SIGKILLed once round 4 is saved, while round 5's requests are out.
     Run 3 (the same command again): resumes after round 4; the nodes answer round 5 from their
-    stored replies, so no node trains a round twice.
+    stored replies, so no node trains a round twice. Run 4 (task='sample') only samples.
     """
     cfg_path = tiny_config(tmp_path, protocol="noisy-data")
     cfg = load_config(cfg_path)
@@ -133,6 +135,13 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
         res3 = dep.run({**rc, "rounds": 5}, timeout=300)
         assert res3.returncode == 0, res3.stdout
         resent = dep.tail("DU", 10**6).count("asked again; resending the stored reply")
+
+        # --- sampling only, from the saved server: the samples of run 1 stay in the result
+        res4 = dep.run({**rc, "task": "sample", "sample-n": 2}, timeout=300)
+        assert res4.returncode == 0, res4.stdout
+        result = json.loads((run_dir / "flower-result.json").read_text())
+        assert result["rounds"] == 5 and set(result["samples"]) == {"DU", "HT"}
+        assert all(result["samples"][c]["num-images"] == 2 for c in ("DU", "HT"))
     assert "resuming" in out2 and "after round 2" in out2
     assert "left out of this round" in out2
     assert "client HT is back on node" in out2
@@ -152,8 +161,9 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
 
 def test_tls_supernode_auth_three_hospitals(tmp_path):
     """docs/deployment.md on loopback: certificates from make_certs.sh, a SuperLink with TLS and
-    SuperNode authentication, three registered hospitals, one round (split inference is
-    checked in the insecure run above).
+    SuperNode authentication behind the fleet gateway (hospitals reach the Fleet API only; the
+    operator's CLI reaches the SuperLink itself), three registered hospitals, one round (split
+    inference is checked in the insecure run above).
 
     Identity: FG's SuperNode first starts claiming to be HT (its registered name is FG): it is
     refused and the run waits, since min-nodes counts verified hospitals; started again as FG
@@ -165,6 +175,7 @@ def test_tls_supernode_auth_three_hospitals(tmp_path):
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "dep", ROOT, certs=certs, node_auth=True) as dep:
         dep.start_superlink()
+        gateway = dep.start_gateway()
         for i, cid in enumerate(("DU", "HT")):
             dep.add_supernode(cid, node_cfg[cid], auth_key=certs / f"supernode-{i + 1}")
         dep.add_supernode("FG", {**node_cfg["FG"], "client-id": "HT"}, auth_key=certs / "supernode-3")
@@ -199,6 +210,18 @@ def test_tls_supernode_auth_three_hospitals(tmp_path):
         rogue.popen.wait(timeout=60)
         assert rogue.popen.returncode != 0
         assert "Failed to activate SuperNode" in dep.tail("rogue", 60)
+        # the operator's door is shut on the hospitals' side: the CLI through the gateway fails
+        with open(dep.cli_home / "config.toml", "a") as f:
+            f.write(f'\n[superlink.gateway]\naddress = "127.0.0.1:{gateway}"\n'
+                    f'root-certificates = "{certs / "ca.crt"}"\n')
+        for args in (("supernode", "list", "gateway"), ("ls", "gateway")):
+            refused = dep.flwr(*args, check=False)
+            assert refused.returncode != 0, refused.stdout
+        assert dep.flwr("ls", "loop").returncode == 0  # and open on the server machine
+        verify = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        for path in ("/v1/control/list-runs", "/v1/runtime/get-nodes", "/v1/fleet/../control/list-runs"):
+            r = httpx.post(f"https://127.0.0.1:{gateway}{path}", content=b"", verify=verify, timeout=10)
+            assert r.status_code == 403, (path, r.status_code)
     assert "registered as 'FG', claims client 'HT': refused" in res.stdout
     result = json.loads((run_dir / "flower-result.json").read_text())
     assert result["rounds"] == 1 and result["clients"] == ["DU", "HT", "FG"]

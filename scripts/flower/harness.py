@@ -17,7 +17,9 @@ telemetry and the update check are switched off.
 TLS: ``Deployment(..., certs=dir)`` with the files from ``make_certs.sh`` (``ca.crt``,
 ``server.crt``, ``server.key``); ``node_auth=True`` adds ``--enable-supernode-auth`` and
 ``add_supernode(..., auth_key=path)`` registers the key's ``.pub`` with
-``flwr supernode register`` before the SuperNode starts.
+``flwr supernode register`` before the SuperNode starts. ``start_gateway()`` puts
+``fleet_gateway.py`` in front of the SuperLink: SuperNodes added afterwards connect through it
+(Fleet API only), the ``flwr`` CLI keeps talking to the SuperLink itself.
 """
 
 from __future__ import annotations
@@ -96,28 +98,38 @@ class Deployment:
         app_dir: Path,
         certs: Path | None = None,
         node_auth: bool = False,
+        node_threads: int | None = 1,
+        server_threads: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.app_dir = Path(app_dir)
         self.certs = Path(certs) if certs else None
         self.node_auth = node_auth
+        # every party of a loopback deployment shares this machine's cores: torch's default of
+        # one thread per core in each process oversubscribes them, and OpenMP's spinning
+        # threads then slow every party down several times (None: torch's default)
+        self.node_threads, self.server_threads = node_threads, server_threads
         if node_auth and not certs:
             raise ValueError("SuperNode authentication needs TLS (certs=...)")
         self.procs: dict[str, Proc] = {}
         self.port: int | None = None
+        self.fleet_port: int | None = None  # where SuperNodes connect: the gateway's, if any
         self.cli_home = self.workdir / "cli-home"
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, cmd: list[str], home: Path) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], home: Path, threads: int | None = None) -> Proc:
         home.mkdir(parents=True, exist_ok=True)
+        env = base_env(home)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         logf = self.workdir / f"{name}.log"
         fh = open(logf, "ab")
         fh.write(f"$ {shlex.join(cmd)}\n".encode())
         fh.flush()
         p = subprocess.Popen(
-            cmd, cwd=self.workdir, env=base_env(home), stdout=fh, stderr=subprocess.STDOUT,
+            cmd, cwd=self.workdir, env=env, stdout=fh, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         fh.close()
@@ -142,7 +154,7 @@ class Deployment:
                "--database", str(self.workdir / "superlink-home" / "state.db")]
         if self.node_auth:
             cmd.append("--enable-supernode-auth")
-        proc = self._spawn("superlink", cmd, self.workdir / "superlink-home")
+        proc = self._spawn("superlink", cmd, self.workdir / "superlink-home", self.server_threads)
         self._write_cli_config()
         scheme = "https" if self.certs else "http"
         verify: Any = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.certs else False
@@ -157,6 +169,26 @@ class Deployment:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"flower-superlink not ready in {timeout}s; see {proc.log}")
+
+    def start_gateway(self, timeout: float = 30.0) -> int:
+        """Start scripts/flower/fleet_gateway.py in front of the SuperLink; SuperNodes added
+        from now on connect through it (the Fleet API only), the ``flwr`` CLI does not."""
+        assert self.port is not None, "start_superlink() first"
+        port = free_port()
+        tls = (["--certfile", str(self.certs / "server.crt"), "--keyfile",
+                str(self.certs / "server.key"), "--ca", str(self.certs / "ca.crt")]
+               if self.certs else ["--insecure"])
+        proc = self._spawn("gateway", [sys.executable, str(Path(__file__).with_name("fleet_gateway.py")),
+                                       "--listen", f"127.0.0.1:{port}",
+                                       "--superlink", f"127.0.0.1:{self.port}", *tls],
+                           self.workdir / "gateway-home")
+        deadline = time.monotonic() + timeout
+        while "fleet gateway on" not in self.tail("gateway", 5):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"fleet gateway did not start:\n{self.tail('gateway')}")
+            time.sleep(0.1)
+        self.fleet_port = port
+        return port
 
     def _write_cli_config(self) -> None:
         self.cli_home.mkdir(parents=True, exist_ok=True)
@@ -190,14 +222,14 @@ class Deployment:
             self.register(Path(str(auth_key) + ".pub"), name=name)
         cmd = [str(BIN / "flower-supernode"),
                *(["--root-certificates", str(self.certs / "ca.crt")] if self.certs else ["--insecure"]),
-               "--superlink", f"127.0.0.1:{self.port}",
+               "--superlink", f"127.0.0.1:{self.fleet_port or self.port}",
                "--host", "127.0.0.1", "--port", str(free_port()),
                "--node-config", kv_string(node_config)]
         if auth_key is not None:
             cmd += ["--auth-supernode-private-key", str(auth_key)]
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
-        return self._spawn(name, cmd, self.workdir / f"{name}-home")
+        return self._spawn(name, cmd, self.workdir / f"{name}-home", self.node_threads)
 
     def run(self, run_config: dict[str, Any], timeout: float = 300.0,
             federation_config: dict[str, Any] | None = None) -> subprocess.CompletedProcess:

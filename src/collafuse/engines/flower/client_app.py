@@ -236,8 +236,10 @@ def _images(cfg, node: Node):
 
 def _client(cfg, node: Node, context: Context):
     """The node's Client, made afresh (its state is loaded by the caller)."""
+    from ...device import enlarge_cpu_kernel_cache
     from ...factory import client_secret, make_client
 
+    enlarge_cpu_kernel_cache()  # before any convolution runs, as the collafuse command does
     # the secret stays on this node's disk; the server never sees it or anything it is made from
     device = str(context.node_config.get("device") or "auto")  # the node's choice, not the server's
     return make_client(cfg, node.client_id, _images(cfg, node),

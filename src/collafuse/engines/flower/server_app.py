@@ -127,30 +127,49 @@ class Exchange:
                        group_id=group_id) for n, c in contents.items()]
         ids = list(grid.push_messages(out)) if out else []
         self.asked = {mid: n for mid, n in zip(ids, contents) if mid}
-        self.nodes = list(contents)
+        self.pending = set(self.asked)
+        self.unsent = [n for n in contents if n not in self.asked.values()]
         self.deadline = time.monotonic() + ttl
         self.ttl = ttl
+
+    @property
+    def done(self) -> bool:
+        return not self.pending or time.monotonic() >= self.deadline
+
+    def poll(self) -> dict[int, Message]:
+        """The replies that have arrived since the last poll, by node (one pull, no wait)."""
+        replies = {}
+        if self.pending:
+            for r in self.grid.pull_messages(list(self.pending)):
+                # match by the request answered: an error made by the SuperLink itself (the
+                # node went offline, ttl expired) comes from the SuperLink's own node id
+                mid = r.metadata.reply_to_message_id
+                if mid in self.pending:
+                    self.pending.discard(mid)
+                    replies[self.asked[mid]] = r
+        return replies
+
+    def missing(self) -> dict[int, str]:
+        """{node: why there is no reply} for the nodes still without one."""
+        why = f"no reply within {self.ttl:.0f}s"
+        return {**{self.asked[m]: why for m in self.pending},
+                **{n: "the SuperLink did not take the request" for n in self.unsent}}
 
     def collect(self) -> tuple[dict[int, Message], dict[int, str]]:
         """({node: reply}, {node: why there is none}); waits until all replied or ttl passed."""
         replies: dict[int, Message] = {}
-        pending = set(self.asked)
-        while pending and time.monotonic() < self.deadline:
-            for r in self.grid.pull_messages(list(pending)):
-                # match by the request answered: an error made by the SuperLink itself (the
-                # node went offline, ttl expired) comes from the SuperLink's own node id
-                mid = r.metadata.reply_to_message_id
-                if mid in pending:
-                    pending.discard(mid)
-                    replies[self.asked[mid]] = r
-            if pending:
-                time.sleep(POLL)
-        failed = {n: f"no reply within {self.ttl:.0f}s" for n in self.nodes if n not in replies}
-        return replies, failed
+        while True:
+            replies.update(self.poll())
+            if self.done:
+                return replies, self.missing()
+            time.sleep(POLL)
 
 
 class Roster:
-    """Which verified client each node serves, from hello replies and Flower's node registry."""
+    """Which verified client each node serves, from hello replies and Flower's node registry.
+
+    Hellos never hold up a round: :meth:`greet` sends them and binds whoever has answered by
+    the next call, so a node that is slow, silent or hostile costs the others nothing."""
 
     def __init__(self, cfg, cfg_text: str, identity: str, timeout: float):
         self.cfg, self.cfg_text, self.identity, self.timeout = cfg, cfg_text, identity, timeout
@@ -160,6 +179,7 @@ class Roster:
         self.num_images: dict[str, int] = {}
         self.retry_at: dict[int, float] = {}  # nodes whose hello failed: when to ask again
         self.failures: dict[int, int] = {}
+        self.hellos: Exchange | None = None
         if identity == "node-report":
             warn("identity='node-report': a node's client id is its own word (insecure; "
                  "use registered-name with SuperNode authentication for a real deployment)")
@@ -169,35 +189,45 @@ class Roster:
         return client_order(self.cfg, self.node_of)
 
     def greet(self, grid: Grid, done: int) -> None:
-        """Say hello to nodes not yet bound (new, back after a crash, or due a retry)."""
-        now = time.monotonic()
+        """Bind the nodes whose hello has come back; say hello to nodes not yet bound (new,
+        back after a crash, or due a retry)."""
         nodes = {int(i.node_id): i for i in grid.get_nodes()}
-        bound = set(self.node_of.values())
-        new = sorted(n for n in nodes if n not in bound and self.retry_at.get(n, 0) <= now)
-        if not new:
+        if self.hellos is not None:
+            for n, reply in self.hellos.poll().items():
+                self._consider(n, reply, nodes)
+            if self.hellos.done:
+                for n, why in self.hellos.missing().items():
+                    self._refuse(n, why)
+                self.hellos = None
+        if self.hellos is not None:
             return
-        meta = {"config-toml": self.cfg_text, "round": done, "code-digest": self.digest}
-        replies, failed = Exchange(grid, "query.hello", {n: transport.pack([], meta) for n in new},
-                                   self.timeout, "hello").collect()
-        for n in new:
-            try:
-                if n in failed:
-                    raise RejectedReply(failed[n])
-                hello = accept_hello(replies[n], lambda cid: self._may_serve(nodes, n, cid),
-                                     self.digest)
-            except RejectedReply as err:
-                self.failures[n] = self.failures.get(n, 0) + 1
-                wait = min(60.0, 5.0 * 2 ** (self.failures[n] - 1))
-                self.retry_at[n] = time.monotonic() + wait
-                warn("node %s left out (asked again in %.0fs): %s", n, wait, err)
-                continue
-            cid = hello["client-id"]
-            if cid in self.node_of:
-                info("client %s is back on node %s (was node %s); it resumes from its disk at "
-                     "round %d", cid, n, self.node_of[cid], hello["round"])
-            self.node_of[cid] = n
-            self.num_images[cid] = hello["num-images"]
-            self.failures.pop(n, None)
+        bound, now = set(self.node_of.values()), time.monotonic()
+        new = sorted(n for n in nodes if n not in bound and self.retry_at.get(n, 0) <= now)
+        if new:
+            meta = {"config-toml": self.cfg_text, "round": done, "code-digest": self.digest}
+            self.hellos = Exchange(grid, "query.hello", {n: transport.pack([], meta) for n in new},
+                                   self.timeout, "hello")
+
+    def _consider(self, n: int, reply: Message, nodes: dict) -> None:
+        try:
+            if n not in nodes:
+                raise RejectedReply("went offline")
+            hello = accept_hello(reply, lambda cid: self._may_serve(nodes, n, cid), self.digest)
+        except RejectedReply as err:
+            return self._refuse(n, str(err))
+        cid = hello["client-id"]
+        if cid in self.node_of:
+            info("client %s is back on node %s (was node %s); it resumes from its disk at "
+                 "round %d", cid, n, self.node_of[cid], hello["round"])
+        self.node_of[cid] = n
+        self.num_images[cid] = hello["num-images"]
+        self.failures.pop(n, None)
+
+    def _refuse(self, n: int, why: str) -> None:
+        self.failures[n] = self.failures.get(n, 0) + 1
+        wait = min(60.0, 5.0 * 2 ** (self.failures[n] - 1))
+        self.retry_at[n] = time.monotonic() + wait
+        warn("node %s left out (asked again in %.0fs): %s", n, wait, why)
 
     def _may_serve(self, nodes: dict, n: int, cid: str) -> None:
         """Raise RejectedReply unless node ``n`` may serve client ``cid``."""
@@ -256,7 +286,8 @@ def resume(server, settings: Settings, cfg_text: str) -> dict:
         raise ValueError(f"{run_dir / SERVER_STATE}: saved on another kind of device than "
                          f"{server.device}; resume the server there")
     truncate_metrics(run_dir / METRICS, progress["round"])
-    info("resuming %s after round %d", run_dir, progress["round"])
+    info("%s %s after round %d", "resuming" if settings.task == "train" else "loading", run_dir,
+         progress["round"])
     return progress
 
 
@@ -389,6 +420,9 @@ def sample_only(grid: Grid, context: Context) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from ...device import enlarge_cpu_kernel_cache
+
+    enlarge_cpu_kernel_cache()  # before any convolution runs, as the collafuse command does
     task = str(context.run_config.get("task", "train"))
     if task == "sample":
         sample_only(grid, context)
