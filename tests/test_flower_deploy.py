@@ -73,7 +73,8 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     Run 2 (the server restarted on the same run-dir, 5 rounds): it resumes after round 2;
     HT's SuperNode is SIGKILLed as round 3's request reaches it and started again with the same
     state-dir: round 3 goes on with DU alone (logged), HT is back from round 4, resuming from
-    its disk. The ServerApp is SIGKILLed once round 4 is saved, while round 5's requests are out.
+    its disk (once the SuperLink has marked its killed node offline, about a minute: round 4 or
+    5). The ServerApp is SIGKILLed once round 4 is saved, while round 5's requests are out.
     Run 3 (the same command again): resumes after round 4; the nodes answer round 5 from their
     stored replies, so no node trains a round twice. Run 4 (task='sample') only samples.
     """
@@ -151,9 +152,10 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     assert [x["round"] for x in lines] == [1, 2, 3, 4, 5]
     assert all(x["clients"] == ["DU", "HT"] for x in lines[:2])
     assert lines[2]["clients"] == ["DU"] and "HT" in lines[2]["problems"]
-    assert lines[3]["clients"] == ["DU", "HT"] and lines[4]["clients"] == ["DU", "HT"]
+    assert lines[4]["clients"] == ["DU", "HT"]
     assert all(x["bytes"]["DU"] > 0 and "DU" in x["client_loss"] for x in lines)
-    for cid, steps in (("DU", 5), ("HT", 4)):  # exactly once: HT missed round 3, no round twice
+    ht_rounds = sum("HT" in x["clients"] for x in lines)
+    for cid, steps in (("DU", 5), ("HT", ht_rounds)):  # exactly once: one step per round served
         state = _node_state(tmp_path, cid)
         assert state["round"] == 5 and state["client"]["steps"] == steps
     assert _server_state(run_dir)["server"]["steps"] == 5

@@ -64,7 +64,7 @@ def test_both_protocols_fit_the_optimal_noise_predictor(protocol):
         msg = NoisyViews(client_id="toy", views=view, cut=CUT)
     # a fixed generator per call keeps the server's own draws (t, eta) the same in every
     # evaluation, so the loss is one fixed quadratic
-    model = fit(lambda m: server_loss(protocol, m, scheduler, CUT, [msg],
+    model = fit(lambda m: server_loss(protocol, m, scheduler, [msg],
                                       torch.Generator().manual_seed(1)))
     for t in range(CUT, T):
         assert excess_risk(model, scheduler, t) < 1e-3, t

@@ -98,7 +98,7 @@ class Deployment:
         app_dir: Path,
         certs: Path | None = None,
         node_auth: bool = False,
-        node_threads: int | None = 1,
+        node_threads: int | None = None,
         server_threads: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
@@ -108,7 +108,9 @@ class Deployment:
         self.node_auth = node_auth
         # every party of a loopback deployment shares this machine's cores: torch's default of
         # one thread per core in each process oversubscribes them, and OpenMP's spinning
-        # threads then slow every party down several times (None: torch's default)
+        # threads then slow every party down several times; benchmarks pass 1. Tests keep
+        # torch's default (None): a different thread count sums in another order, and the
+        # equivalence tests compare with an in-process twin
         self.node_threads, self.server_threads = node_threads, server_threads
         if node_auth and not certs:
             raise ValueError("SuperNode authentication needs TLS (certs=...)")

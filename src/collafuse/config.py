@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -105,6 +106,18 @@ class EvaluationConfig:
     trajectory_steps: int = 6  # Figure 2: images recorded along one sample's denoising
 
 
+PRESETS = ("tiny", "small", "paper")  # collafuse.models.make_unet's presets
+
+
+@dataclass
+class ClientConfig:
+    """``[clients.<id>]``: what one client does differently from the run's defaults (unset:
+    the run's value). A small hospital may run a tiny UNet over few low-noise steps."""
+
+    cut_ratio: float | None = None  # its own c: it owns the round(c * T) low-noise steps
+    preset: str | None = None  # its own UNet preset (the server's is model.preset)
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -115,12 +128,33 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    clients: dict[str, ClientConfig] = field(default_factory=dict)  # per-client settings
+
+    def cut_ratio(self, client_id: str) -> float:
+        """The client's cut ratio: its own where ``[clients.<id>]`` sets one."""
+        own = self.clients.get(client_id)
+        return self.diffusion.cut_ratio if own is None or own.cut_ratio is None else own.cut_ratio
+
+    def preset(self, client_id: str) -> str:
+        """The client's UNet preset: its own where ``[clients.<id>]`` sets one."""
+        own = self.clients.get(client_id)
+        return self.model.preset if own is None or own.preset is None else own.preset
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every section; ``clients`` only when a client has settings of its own, so a config
+        without them reads and writes exactly as before they existed."""
+        raw = asdict(self)
+        raw["clients"] = {cid: {k: v for k, v in own.items() if v is not None}
+                          for cid, own in raw["clients"].items()}
+        if not any(raw["clients"].values()):
+            del raw["clients"]
+        return raw
 
     def to_toml(self) -> str:
-        return "\n".join(_toml_section(name, values) for name, values in self.to_dict().items())
+        raw = self.to_dict()
+        clients = raw.pop("clients", {})
+        return "\n".join([*(_toml_section(name, values) for name, values in raw.items()),
+                          *(_toml_section(f"clients.{cid}", own) for cid, own in clients.items())])
 
     def identity(self) -> dict:
         """to_dict() without RUNTIME_FIELDS: equal for configs of the same run."""
@@ -143,6 +177,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
     for item in overrides:
         section, key, value = _parse_override(item)
+        if section == "clients":  # clients.<id>.<key>=value
+            cid, dot, key = key.partition(".")
+            if not dot:
+                raise ConfigError(f"--set {item!r}: expected clients.<id>.<key>=value")
+            raw.setdefault("clients", {}).setdefault(cid, {})[key] = value
+            continue
         raw.setdefault(section, {})[key] = value
     return from_dict(raw, source=str(path) if path else "config")
 
@@ -157,10 +197,19 @@ def from_dict(raw: dict, source: str = "config") -> Config:
                               f"{sorted(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
+        if name == "clients":
+            built[name] = {cid: _build_section(ClientConfig, own, f"{source}: clients.{cid}")
+                           if isinstance(own, dict) else _not_a_table(source, f"clients.{cid}")
+                           for cid, own in values.items()}
+            continue
         built[name] = _build_section(hints[name], values, f"{source}: {name}")
     cfg = Config(**built)
     _check_values(cfg, source)
     return cfg
+
+
+def _not_a_table(source: str, name: str):
+    raise ConfigError(f"{source}: [{name}] must be a table")
 
 
 def _build_section(cls, values: dict, where: str):
@@ -171,11 +220,18 @@ def _build_section(cls, values: dict, where: str):
         if not _matches(value, hints[key]):
             raise ConfigError(f"{where}.{key}: expected {_type_name(hints[key])}, "
                               f"got {value!r}")
-    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    converted = {k: float(v) if isinstance(v, int) and _allows(hints[k], float) else v
+                 for k, v in values.items()}
     return cls(**converted)
 
 
+def _allows(hint, kind) -> bool:
+    return hint is kind or (isinstance(hint, types.UnionType) and kind in typing.get_args(hint))
+
+
 def _matches(value, hint) -> bool:
+    if isinstance(hint, types.UnionType):  # X | None: None is not written in TOML
+        return any(_matches(value, h) for h in typing.get_args(hint) if h is not type(None))
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -229,6 +285,16 @@ def _check_values(cfg: Config, source: str) -> None:
         if not ok:
             value = _get(cfg, name)
             raise ConfigError(f"{source}: {name}: expected {expected}, got {value!r}")
+    for cid, own in cfg.clients.items():
+        if own.cut_ratio is not None and not 0.0 <= own.cut_ratio <= 1.0:
+            raise ConfigError(f"{source}: clients.{cid}.cut_ratio: expected a number in [0, 1], "
+                              f"got {own.cut_ratio!r}")
+        if own.preset is not None and own.preset not in PRESETS:
+            raise ConfigError(f"{source}: clients.{cid}.preset: expected one of {list(PRESETS)}, "
+                              f"got {own.preset!r}")
+    if cfg.data.partition == "site" and (unknown := sorted(set(cfg.clients) - set(cfg.data.clients))):
+        raise ConfigError(f"{source}: [clients.{unknown[0]}]: not one of data.clients "
+                          f"{cfg.data.clients}")
 
 
 def _get(cfg: Config, dotted: str):

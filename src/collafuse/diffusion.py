@@ -70,8 +70,12 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor,
     return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
 
 
-def _abar_before_cut(scheduler: DDPMScheduler, cut: int) -> torch.Tensor:
-    """abar_{s-1}, the signal level of the hand-over; 1 for s = 0 (the clean image)."""
+def _abar_before_cut(scheduler: DDPMScheduler, cut: int | torch.Tensor) -> torch.Tensor:
+    """abar_{s-1}, the signal level of the hand-over; 1 for s = 0 (the clean image). ``cut``
+    may be one s per row (clients with cuts of their own)."""
+    if isinstance(cut, torch.Tensor):
+        abar = scheduler.alphas_cumprod[(cut - 1).clamp(min=0)]
+        return torch.where(cut > 0, abar, torch.ones_like(abar))
     return scheduler.alphas_cumprod[cut - 1] if cut > 0 else torch.tensor(1.0)
 
 
@@ -83,12 +87,12 @@ def handover_view(scheduler: DDPMScheduler, x0: torch.Tensor, xi: torch.Tensor,
 
 
 def renoise_coefficients(scheduler: DDPMScheduler, t: torch.Tensor,
-                         cut: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         cut: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a_t, b_t, sigma_t) for re-noising a hand-over view y to a level t >= s.
 
     x_t = a_t y + b_t eta with a_t = sqrt(abar_t / abar_{s-1}), b_t = sqrt(1 - abar_t / abar_{s-1})
     has exactly the marginal of add_noise(x0, ., t) (DESIGN.md section 3); sigma_t = sqrt(1 - abar_t).
-    Returned as 1-D tensors over the batch.
+    Returned as 1-D tensors over the batch. ``cut`` is s, or one s per row.
     """
     if bool((t < cut).any()):
         raise ValueError(f"renoise_coefficients: timesteps must be >= s = {cut}")

@@ -69,10 +69,12 @@ def make_server(cfg: Config, device: str | None = None) -> Server:
     torch.manual_seed(party_seed(cfg, "server:init"))
     model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
-    return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
+    T = cfg.diffusion.num_timesteps
+    return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
                   cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
                   seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
-                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile)
+                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
+                  cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients})
 
 
 def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
@@ -85,12 +87,13 @@ def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
 
 def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
                 device: str | None = None) -> Client:
-    """A client, on ``device`` (default: ``run.device``; a Flower node may choose its own)."""
+    """A client, on ``device`` (default: ``run.device``; a Flower node may choose its own), with
+    its own cut ratio and UNet preset where ``[clients.<id>]`` sets them."""
     torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
-    model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
+    model = make_unet(cfg.preset(client_id), cfg.data.image_size, cfg.data.channels)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     return Client(client_id, to_model(images.images), model, scheduler,
-                  cut_index(cfg.diffusion.cut_ratio, cfg.diffusion.num_timesteps),
+                  cut_index(cfg.cut_ratio(client_id), cfg.diffusion.num_timesteps),
                   cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
                   seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
                   ema_decay=cfg.train.ema_decay or None,

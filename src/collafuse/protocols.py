@@ -36,14 +36,15 @@ def server_message(protocol: str, client_id: str, x_t: torch.Tensor, t: torch.Te
     return NoisyViews(client_id=client_id, views=views, cut=cut)
 
 
-def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler, cut: int,
+def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler,
                 messages: list[Message], generator: torch.Generator,
                 noise_generator: torch.Generator | None = None) -> torch.Tensor:
     """The server's loss on the union of the clients' messages of one batch index.
 
     ``model_eps(x_t, t)`` is the shared model's noise prediction. noisy-data draws t from
-    ``generator`` (on the host) and eta from ``noise_generator`` (default: the same one), on
-    the views' device.
+    ``generator`` (on the host) uniformly over each view's server range [s_i, T), s_i the cut
+    its client made it for, and eta from ``noise_generator`` (default: the same one), on the
+    views' device.
     """
     if protocol == "shared-noise":
         x_t = torch.cat([m.x_t for m in messages])
@@ -52,7 +53,13 @@ def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler, cut: int,
         return F.mse_loss(model_eps(x_t, t), eps)
     y = torch.cat([m.views for m in messages])
     num_timesteps = scheduler.config.num_train_timesteps
-    t = torch.randint(cut, num_timesteps, (y.shape[0],), generator=generator)
+    cuts = {m.cut for m in messages}
+    if len(cuts) == 1:  # one cut for all: the draw every single-cut run has always made
+        cut = cuts.pop()
+        t = torch.randint(cut, num_timesteps, (y.shape[0],), generator=generator)
+    else:  # clients with cuts of their own: t_i uniform over [s_i, T) per row
+        cut = torch.cat([torch.full((m.views.shape[0],), m.cut) for m in messages])
+        t = cut + (torch.rand(y.shape[0], generator=generator) * (num_timesteps - cut)).long()
     eta = torch.randn(y.shape, generator=generator if noise_generator is None else noise_generator,
                       device=y.device)
     a, b, sigma = (c.view(-1, 1, 1, 1).to(y.device, non_blocking=True)

@@ -23,10 +23,17 @@ class Server(Party):
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str,
                  image_shape: tuple[int, int, int], lr: float, seed: int,
                  ema_decay: float | None = None, meter=None, device: str | torch.device = "cpu",
-                 compile: bool = False):
+                 compile: bool = False, cuts: dict[str, int] | None = None):
+        """``cut`` is the run's cut index s; ``cuts`` the clients with one of their own (the
+        server owns t >= s_i for client i)."""
         super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
                          compile)
         self.image_shape = tuple(image_shape)
+        self.cuts = dict(cuts or {})
+
+    def cut_of(self, client_id: str) -> int:
+        """s_i: where the server hands client ``client_id`` over."""
+        return self.cuts.get(client_id, self.cut)
 
     @property
     def name(self) -> str:
@@ -44,15 +51,16 @@ class Server(Party):
             if msg.t.dtype != torch.int64 or tuple(msg.t.shape) != (n,) or msg.eps.shape[0] != n:
                 raise MessageError(f"{msg.kind} from {msg.client_id}: t must be int64 of shape "
                                    f"({n},) and eps must match x_t")
-            if n and on_host(msg.t) and not bool(((msg.t >= self.cut)
+            cut = self.cut_of(msg.client_id)
+            if n and on_host(msg.t) and not bool(((msg.t >= cut)
                                                   & (msg.t < self.num_timesteps)).all()):
                 raise MessageError(f"{msg.kind} from {msg.client_id}: timesteps outside the "
-                                   f"server's range [{self.cut}, {self.num_timesteps})")
+                                   f"server's range [{cut}, {self.num_timesteps})")
         if isinstance(msg, NoisyViews):
             check_images(msg, "views", self.image_shape)
-            if msg.cut != self.cut:
+            if msg.cut != self.cut_of(msg.client_id):
                 raise MessageError(f"{msg.kind} from {msg.client_id}: views made for cut index "
-                                   f"{msg.cut}, the server uses {self.cut}")
+                                   f"{msg.cut}, the server uses {self.cut_of(msg.client_id)}")
 
     def train_step(self, messages: list[Message]) -> torch.Tensor | None:
         """One optimiser step on the union of the clients' messages of one batch index.
@@ -69,7 +77,7 @@ class Server(Party):
         self.steps += 1
         with self.meter.measure(self.name, "training"):
             return self._optimise(server_loss(self.protocol, self._eps, self.scheduler,
-                                              self.cut, messages, self.generator,
+                                              messages, self.generator,
                                               self.noise_generator))
 
     def _receive(self, msg: Message) -> Message:
@@ -81,7 +89,8 @@ class Server(Party):
 
     @torch.no_grad()
     def generate(self, request: SampleRequest, on_step: StepHook | None = None) -> PartialSamples:
-        """Denoise pure noise over t = T-1 .. s; the result is x_{s-1} (pure noise when s = T).
+        """Denoise pure noise over t = T-1 .. s_i for the asking client i; the result is
+        x_{s_i - 1} (pure noise when s_i = T).
 
         x_T and the step noises come from the server's own stream for the request's seed.
         ``on_step`` (see :func:`collafuse.diffusion.denoise`) first sees the pure noise, as t = T.
@@ -95,6 +104,7 @@ class Server(Party):
                             device=self.device)
             if on_step is not None:
                 on_step(self.num_timesteps, x)
+            cut = self.cut_of(request.client_id)
             x = denoise(self._sampling_eps, self.scheduler, x,
-                        server_timesteps(self.cut, self.num_timesteps), generator, on_step)
-        return PartialSamples(client_id=request.client_id, x=x, cut=self.cut)
+                        server_timesteps(cut, self.num_timesteps), generator, on_step)
+        return PartialSamples(client_id=request.client_id, x=x, cut=cut)

@@ -228,7 +228,8 @@ def write_summary(run: Run, run_dir: Path) -> dict:
         "rounds": run.round,
         "server_steps": run.server.steps,
         "server_loss": run.server.last_loss,
-        "clients": {cid: {"images": len(c.images), "loss": c.last_loss}
+        "clients": {cid: {"images": len(c.images), "loss": c.last_loss, "cut_index": c.cut,
+                          "preset": cfg.preset(cid)}
                     for cid, c in run.clients.items()},
         "bytes": {name: {"sent": t["bytes_sent"], "received": t["bytes_received"]}
                   for name, t in run.party_totals().items()},

@@ -158,6 +158,10 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "protocol": run.cfg.train.protocol,
             "cut_ratio": run.cfg.diffusion.cut_ratio,
             "cut_index": run.server.cut,
+            # the client's own cut and model (the run's unless [clients.<id>] sets them)
+            "client_cut_ratio": run.cfg.cut_ratio(cid),
+            "client_cut_index": client.cut,
+            "client_preset": run.cfg.preset(cid),
             "num_timesteps": run.cfg.diffusion.num_timesteps,
             "client": cid,
             "train_images": len(real),
@@ -203,10 +207,11 @@ def copy_disclosure(run, client_id: str, handover: torch.Tensor, seed: int) -> d
         for stat in ("nearer_train", "distance_ratio", "copy_fraction")]
     out = {f"disclosure_{n}": None for n in names}
     held = run.client_holdout.get(client_id)
-    if server.cut == server.num_timesteps:
+    cut = server.cut_of(client_id)
+    if cut == server.num_timesteps:
         return out
     with torch.no_grad():
-        estimate = tweedie_from_view(server._sampling_eps, server.scheduler, handover, server.cut,
+        estimate = tweedie_from_view(server._sampling_eps, server.scheduler, handover, cut,
                                      torch.Generator().manual_seed(seed)).clamp(-1, 1).numpy()
     out["disclosure_x0_nn_mse"] = mean_nearest_neighbour_mse(estimate, train)
     if held is None or len(np.unique(patient_ids(held))) < 2:
@@ -283,7 +288,7 @@ def trajectory(run, client_id: str, num_steps: int, seed: int) -> tuple[list[int
 def _save_trajectory(run, path: Path, num_steps: int, seed: int) -> None:
     first = next(iter(run.clients))
     steps, images = trajectory(run, first, num_steps, seed)
-    save_npz(path, steps=np.array(steps), images=images, cut=run.server.cut, client=first)
+    save_npz(path, steps=np.array(steps), images=images, cut=run.server.cut_of(first), client=first)
 
 
 def write_results(out: Path, rows: list[dict]) -> None:

@@ -168,6 +168,9 @@ def audit_run(run_dir: str | Path, num_images: int = 128, seed: int = 0,
     run_dir = Path(run_dir)
     run = load_run(run_dir, device=device)
     cfg, server = run.cfg, run.server
+    if any(c != server.cut for c in server.cuts.values()):
+        raise ValueError(f"{run_dir}: clients with cut ratios of their own ([clients.<id>]); "
+                         "the audit attacks one cut per run: audit a run with one cut ratio")
     scheduler, cut, num_timesteps = server.scheduler, server.cut, server.num_timesteps
     model, untrained = _server_model(server), _server_model(make_server(cfg))
     steps = attacks.score_timesteps(cut, num_timesteps)

@@ -155,14 +155,23 @@ class Exchange:
         return {**{self.asked[m]: why for m in self.pending},
                 **{n: "the SuperLink did not take the request" for n in self.unsent}}
 
-    def collect(self) -> tuple[dict[int, Message], dict[int, str]]:
-        """({node: reply}, {node: why there is none}); waits until all replied or ttl passed."""
+    def collect(self, idle=None) -> tuple[dict[int, Message], dict[int, str]]:
+        """({node: reply}, {node: why there is none}); waits until all replied or ttl passed,
+        calling ``idle()`` about once a second meanwhile."""
         replies: dict[int, Message] = {}
+        last_idle = time.monotonic()
         while True:
             replies.update(self.poll())
             if self.done:
                 return replies, self.missing()
+            if idle is not None and time.monotonic() - last_idle >= 1.0:
+                idle()
+                last_idle = time.monotonic()
             time.sleep(POLL)
+
+
+class Taken(RejectedReply):
+    """A node claims a client that another node, still online, serves."""
 
 
 class Roster:
@@ -213,6 +222,8 @@ class Roster:
             if n not in nodes:
                 raise RejectedReply("went offline")
             hello = accept_hello(reply, lambda cid: self._may_serve(nodes, n, cid), self.digest)
+        except Taken as err:  # a restart: the old node is offline within a minute, ask again soon
+            return self._refuse(n, str(err), backoff=False)
         except RejectedReply as err:
             return self._refuse(n, str(err))
         cid = hello["client-id"]
@@ -223,9 +234,9 @@ class Roster:
         self.num_images[cid] = hello["num-images"]
         self.failures.pop(n, None)
 
-    def _refuse(self, n: int, why: str) -> None:
+    def _refuse(self, n: int, why: str, backoff: bool = True) -> None:
         self.failures[n] = self.failures.get(n, 0) + 1
-        wait = min(60.0, 5.0 * 2 ** (self.failures[n] - 1))
+        wait = min(60.0, 5.0 * 2 ** (self.failures[n] - 1)) if backoff else 5.0
         self.retry_at[n] = time.monotonic() + wait
         warn("node %s left out (asked again in %.0fs): %s", n, wait, why)
 
@@ -242,7 +253,7 @@ class Roster:
                 raise RejectedReply(f"registered as {name!r}, claims client {cid!r}: refused")
         other = self.node_of.get(cid)
         if other is not None and other != n and other in nodes:
-            raise RejectedReply(f"claims client {cid!r}, which node {other} serves: refused")
+            raise Taken(f"claims client {cid!r}, which node {other} serves: refused")
 
 
 def wait_for_clients(grid: Grid, roster: Roster, settings: Settings, done: int) -> None:
@@ -326,7 +337,8 @@ def train(grid: Grid, context: Context) -> dict:
             rnd = progress["round"] + 1
             start = time.perf_counter()
             exchange, clients = inflight
-            replies, failed = exchange.collect()
+            # greet while waiting: a node back after a crash is bound in time for the next round
+            replies, failed = exchange.collect(idle=lambda: roster.greet(grid, rnd - 1))
             # pipelining: the nodes start round rnd+1 while the server trains on round rnd
             inflight = ask(rnd + 1) if rnd < rounds else None
             inbox, losses, nbytes, problems = {}, {}, {}, {}
@@ -372,21 +384,27 @@ def finish(grid: Grid, server, roster: Roster, cfg, settings: Settings, progress
 
 
 def sample(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> dict[str, dict]:
-    """Split inference: the server generates every client's hand-over in one batch (its own
-    stream for ``sample.seed``; client i gets rows i*n..(i+1)*n), each node finishes its own on
-    its disk and answers only where the images are."""
+    """Split inference: the server generates the hand-overs of all clients that share a cut in
+    one batch (its own stream for ``sample.seed``; the i-th client of the batch gets rows
+    i*n..(i+1)*n), each node finishes its own on its disk and answers only where the images
+    are."""
     from ...messages import PartialSamples, SampleRequest, encode
 
     n, order = settings.sample_n, roster.order
-    info("sampling: generating %d hand-overs for %s", n * len(order), order)
-    partial = server.generate(SampleRequest(client_id="server", num_samples=n * len(order),
-                                            seed=cfg.sample.seed))
+    by_cut: dict[int, list[str]] = {}  # clients with cuts of their own get their own hand-over
+    for cid in order:
+        by_cut.setdefault(server.cut_of(cid), []).append(cid)
     meta = {"config-toml": roster.cfg_text, "seed": cfg.sample.seed, "code-digest": roster.digest}
     contents, clients = {}, {}
-    for i, cid in enumerate(order):
-        part = PartialSamples(client_id=cid, x=partial.x[i * n:(i + 1) * n].cpu(), cut=partial.cut)
-        contents[roster.node_of[cid]] = transport.pack([encode(part)], meta)
-        clients[roster.node_of[cid]] = cid
+    for group in by_cut.values():
+        info("sampling: generating %d hand-overs for %s", n * len(group), group)
+        partial = server.generate(SampleRequest(client_id=group[0], num_samples=n * len(group),
+                                                seed=cfg.sample.seed))
+        for i, cid in enumerate(group):
+            part = PartialSamples(client_id=cid, x=partial.x[i * n:(i + 1) * n].cpu(),
+                                  cut=partial.cut)
+            contents[roster.node_of[cid]] = transport.pack([encode(part)], meta)
+            clients[roster.node_of[cid]] = cid
     replies, failed = Exchange(grid, "query.sample", contents, settings.sample_timeout,
                                "sample").collect()
     stored = {}
