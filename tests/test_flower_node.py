@@ -15,7 +15,7 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Message, Metadata, RecordDict  # noqa: E402
 from test_flower import tiny_config  # noqa: E402
 
-from collafuse.config import load_config  # noqa: E402
+from collafuse.config import ClientConfig, load_config  # noqa: E402
 from collafuse.data import save_images  # noqa: E402
 from collafuse.engines.flower import client_app, transport  # noqa: E402
 from collafuse.engines.flower.client_app import RequestError  # noqa: E402
@@ -64,6 +64,9 @@ def test_policy_refuses_before_training(node, tmp_path):
         reply = train(strict, asked, 1)
         assert reply["refused"].startswith(why) and reply["arrays"] == []
     assert "images per round" in train(strict, cfg, 1, k=3)["refused"]  # 3 x 8 > 16
+    own_cut = load_config(tiny_config(tmp_path, protocol="noisy-data"))
+    own_cut.clients = {"DU": ClientConfig(cut_ratio=0.2)}  # the run's c is 0.6, DU's own 0.2
+    assert train(strict, own_cut, 1)["refused"].startswith("cut ratio 0.2 below")
     assert not (tmp_path / "state" / "client.pt").exists()  # nothing was trained or stored
     assert "images" not in " ".join(p.name for p in (tmp_path / "state").glob("*"))
     reply = train(strict, cfg, 1, k=2)  # within the policy: trains

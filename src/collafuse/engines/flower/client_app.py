@@ -98,7 +98,8 @@ class Policy:
                    int(nc.get("max-images-per-round", 0)),
                    _truthy(nc.get("serve-sampling", True)), str(nc.get("code-sha256", "")))
 
-    def refusal(self, cfg, server_digest: str, batches: int = 0, sampling: bool = False) -> str | None:
+    def refusal(self, cfg, client_id: str, server_digest: str, batches: int = 0,
+                sampling: bool = False) -> str | None:
         """Why this node declines the request (None: it accepts)."""
         own = code_digest()
         if self.code_sha256 and own != self.code_sha256:
@@ -108,8 +109,9 @@ class Policy:
                     f"{own[:12]}; install the same version on both")
         if cfg.train.protocol not in self.protocols:
             return f"protocol {cfg.train.protocol!r} not allowed (allowed: {', '.join(self.protocols)})"
-        if cfg.diffusion.cut_ratio < self.min_cut_ratio:
-            return f"cut ratio {cfg.diffusion.cut_ratio} below this node's minimum {self.min_cut_ratio}"
+        if cfg.cut_ratio(client_id) < self.min_cut_ratio:  # this client's own, where it has one
+            return (f"cut ratio {cfg.cut_ratio(client_id)} below this node's minimum "
+                    f"{self.min_cut_ratio}")
         images = batches * cfg.train.batch_size
         if self.max_images_per_round and images > self.max_images_per_round:
             return f"{images} images per round asked, this node allows {self.max_images_per_round}"
@@ -250,7 +252,7 @@ def _client(cfg, node: Node, context: Context):
 def hello(msg: Message, context: Context) -> Message:
     node = Node.of(context)
     _, meta, cfg = _request(msg)
-    if reason := node.policy.refusal(cfg, meta["code-digest"]):
+    if reason := node.policy.refusal(cfg, node.client_id, meta["code-digest"]):
         return node.refuse(msg, reason)
     _record_config(node, meta["config-toml"])
     n = _num_images(cfg, node)
@@ -269,7 +271,8 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     node = Node.of(context)
     _, meta, cfg = _request(msg)
-    if reason := node.policy.refusal(cfg, meta["code-digest"], batches=meta["batches"]):
+    if reason := node.policy.refusal(cfg, node.client_id, meta["code-digest"],
+                                     batches=meta["batches"]):
         return node.refuse(msg, reason)
     _record_config(node, meta["config-toml"])
     # one training at a time per node: the same round may arrive twice at once (a server
@@ -326,7 +329,7 @@ def sample(msg: Message, context: Context) -> Message:
 
     node = Node.of(context)
     arrays, meta, cfg = _request(msg, 1, MAX_SAMPLE_BYTES)
-    if reason := node.policy.refusal(cfg, meta["code-digest"], sampling=True):
+    if reason := node.policy.refusal(cfg, node.client_id, meta["code-digest"], sampling=True):
         return node.refuse(msg, reason)
     _record_config(node, meta["config-toml"])
     partial = decode(arrays[0]) if len(arrays) == 1 else None
