@@ -45,6 +45,7 @@ steps = {extra.get("steps", 2)}
 batches_per_round = 1
 [sample]
 num_samples = 4
+{extra.get("sections", "")}
 '''
     path = tmp / "tiny.toml"
     path.write_text(text)
@@ -122,8 +123,10 @@ def test_malformed_reply_rejected_before_model(server_and_replies, what):
 
 
 # ----------------------------------------------------------------------- simulation engine
-def test_simulation_engine_matches_in_process(tmp_path):
-    cfg_path = tiny_config(tmp_path)
+@pytest.mark.parametrize("sections", ["", "[clients.HT]\ncut_ratio = 0.3\n"],
+                         ids=["one-cut", "own-cut"])
+def test_simulation_engine_matches_in_process(tmp_path, sections):
+    cfg_path = tiny_config(tmp_path, sections=sections)
     cfg = load_config(cfg_path)
     local = run_training(cfg, tmp_path / "local", progress=False)
 
@@ -131,9 +134,12 @@ def test_simulation_engine_matches_in_process(tmp_path):
     with Deployment(tmp_path / "dep", ROOT) as dep:
         dep.start_superlink(simulation=True)
         res = dep.run({"task": "train", "config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 2,
-                       "sim-clients": "DU,HT", "identity": "node-report"},
+                       "sim-clients": "DU,HT", "identity": "node-report", "sample-n": 2},
                       federation_config={"num-supernodes": 2}, timeout=240)
         assert res.returncode == 0, res.stdout
+    # split inference: with its own cut HT gets a hand-over of its own (a batch per cut)
+    assert res.stdout.count("sampling: generating") == (2 if sections else 1)
+    assert set(json.loads((run_dir / "flower-result.json").read_text())["samples"]) == {"DU", "HT"}
     server = torch.load(run_dir / "server.pt", weights_only=True)
     assert server["progress"]["round"] == 2, res.stdout
     assert_same_models(local.server.model.state_dict(), server["server"]["model"])
