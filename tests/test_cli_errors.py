@@ -86,6 +86,7 @@ IN_PROCESS = {
     "train: corrupt npz": (["train", QUICKSTART, *sets("data.path={d}/corrupt.npz")],
                            "not a readable .npz"),
     "sample: damaged checkpoint": (["sample", "{d}/bad-checkpoint"], "checkpoint.pt"),
+    "sample: one step": (["sample", "{d}/bad-checkpoint", "--steps", "1"], "--steps"),
     "audit: bad -n": (["audit", "{d}/not-a-run", "-n", "0"], "--num-images"),
     "prepare: missing source": (["data", "prepare", "{d}/nothing", "{d}/o.npz"], "no such file"),
     "prepare: empty folder": (["data", "prepare", "{d}/empty", "{d}/o.npz"], "no readable images"),

@@ -90,6 +90,11 @@ def test_cli_train_sample_and_resume(tmp_path, capsys):
     assert (out / "samples/DU.png").is_file()
     assert main(["sample", str(out), "-n", "2", "--seed", "5", "--out", str(tmp_path / "s")]) == 0
     assert np.load(tmp_path / "s/samples/HT.npz")["images"].shape == (2, 16, 16)
+    fast = ["sample", str(out), "-n", "2", "--sampler", "ddim", "--steps", "4", "--out",
+            str(tmp_path / "f")]
+    assert main(fast) == 0  # 4 model calls instead of 20, split at the same level
+    assert not np.array_equal(np.load(tmp_path / "f/samples/HT.npz")["images"],
+                              np.load(tmp_path / "s/samples/HT.npz")["images"])
     assert main(args + ["--resume"]) == 0  # a finished run resumes to the same end
     capsys.readouterr()
     assert main(args) == 2  # but is never overwritten

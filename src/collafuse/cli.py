@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, help="per client")
     sample.add_argument("--seed", type=int)
     sample.add_argument("--out", type=Path, help="folder for the grids (default RUN_DIR)")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim"),
+                        help="default: the run's sample.sampler")
+    sample.add_argument("--steps", type=int, help="model calls per sample, server and client "
+                        "together (0 = all T; default: the run's sample.steps)")
     _add_device(sample, "the run's run.device")
     sample.set_defaults(func=_sample)
 
@@ -185,7 +189,13 @@ def _train(args) -> None:
 def _sample(args) -> None:
     from .engines.local import load_run, write_samples
 
+    if args.steps is not None and (args.steps == 1 or args.steps < 0):
+        raise ValueError(f"--steps: expected 0 (every step) or an integer >= 2, got {args.steps}")
     run = load_run(args.run_dir, device=args.device)
+    if args.sampler is not None:
+        run.cfg.sample.sampler = args.sampler
+    if args.steps is not None:
+        run.cfg.sample.steps = args.steps
     out = args.out or args.run_dir
     for cid, path in write_samples(run, out, args.num_samples, args.seed).items():
         print(f"samples of {cid}: {path}")

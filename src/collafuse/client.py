@@ -18,7 +18,7 @@ import hashlib
 import numpy as np
 import torch
 
-from .diffusion import StepHook, add_noise, client_timesteps, denoise, handover_view, server_owns
+from .diffusion import StepHook, add_noise, handover_view, sample_steps, sampling_plan, server_owns
 from .messages import Message, PartialSamples, SampleRequest, check_images
 from .metering import client_party
 from .party import Party
@@ -109,10 +109,14 @@ class Client(Party):
         self.steps += 1
         return message
 
-    def request_samples(self, num_samples: int, seed: int = 0) -> SampleRequest:
+    def request_samples(self, num_samples: int, seed: int = 0, sampler: str = "ddpm",
+                        steps: int = 0) -> SampleRequest:
+        """Ask for ``num_samples`` hand-overs of a ``sampler`` of ``steps`` model calls in all
+        (0: every one of the T; :func:`collafuse.diffusion.sampling_plan`)."""
         if num_samples < 1:
             raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples}")
-        return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed)
+        return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed,
+                             sampler=sampler, steps=steps)
 
     @torch.no_grad()
     def finish_samples(self, partial: PartialSamples, seed: int = 0,
@@ -126,9 +130,10 @@ class Client(Party):
             raise ValueError(f"partial samples made for cut index {partial.cut}, "
                              f"client {self.client_id} uses {self.cut}")
         x = self.place.put(check_images(partial, "x", tuple(self.images.shape[1:])))
+        _, timesteps = sampling_plan(self.cut, self.num_timesteps, partial.steps)
         with self.meter.measure(self.name, "sampling"):
-            return denoise(self._sampling_eps, self.scheduler, x, client_timesteps(self.cut),
-                           self.stream("sample", seed), on_step)
+            return sample_steps(self._sampling_eps, self.scheduler, x, timesteps, -1,
+                                partial.sampler, self.stream("sample", seed), on_step)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "order": self.order, "position": self.position}

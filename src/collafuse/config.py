@@ -89,6 +89,10 @@ class TrainConfig:
 class SampleConfig:
     num_samples: int = 16  # per client, after training
     seed: int = 0
+    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim" (deterministic; Song et al. 2021)
+    # model calls per sample, server and client together; 0 = all T. Fewer still split where
+    # the full chain does (diffusion.sampling_plan)
+    steps: int = 0
 
 
 @dataclass
@@ -275,6 +279,9 @@ def _check_values(cfg: Config, source: str) -> None:
          "'site', 'label', 'patient', 'iid' or 'dirichlet'"),
         (cfg.data.image_size >= 8, "data.image_size", "an integer >= 8"),
         (cfg.sample.num_samples >= 1, "sample.num_samples", "an integer >= 1"),
+        (cfg.sample.sampler in ("ddpm", "ddim"), "sample.sampler", "'ddpm' or 'ddim'"),
+        (cfg.sample.steps == 0 or cfg.sample.steps >= 2, "sample.steps",
+         "0 (every step) or an integer >= 2"),
         (cfg.evaluation.num_samples >= 2, "evaluation.num_samples", "an integer >= 2"),
         (cfg.evaluation.kid_subsets >= 1, "evaluation.kid_subsets", "an integer >= 1"),
         (cfg.evaluation.kid_subset_size >= 2, "evaluation.kid_subset_size", "an integer >= 2"),

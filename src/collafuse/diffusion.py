@@ -54,6 +54,38 @@ def client_timesteps(cut: int) -> list[int]:
     return list(range(cut - 1, -1, -1))
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+def sampling_plan(cut: int, num_timesteps: int, steps: int = 0) -> tuple[list[int], list[int]]:
+    """(server's timesteps, client's timesteps) of a sampler of ``steps`` model calls (0: all T).
+
+    With fewer than T calls the chain still splits at the same noise level: the server's steps
+    are spread evenly over [s, T) from T-1 and end at level s-1, the hand-over of the full
+    chain; the client's over [0, s) from s-1. The calls are shared in proportion to the two
+    ranges, at least one for a party that owns steps, so there are exactly ``steps`` of them.
+    """
+    full = server_timesteps(cut, num_timesteps), client_timesteps(cut)
+    if steps <= 0 or steps >= num_timesteps:
+        return full
+    owners = (num_timesteps - cut > 0) + (cut > 0)
+    if steps < owners:
+        raise ValueError(f"sample.steps: {steps} call(s) cannot serve both parties; use >= 2")
+    n_server = min(num_timesteps - cut, max(num_timesteps > cut,
+                                            round(steps * (num_timesteps - cut) / num_timesteps)))
+    n_server = min(n_server, steps - (cut > 0))
+    return _spread(full[0], n_server), _spread(full[1], steps - n_server)
+
+
+def _spread(timesteps: list[int], n: int) -> list[int]:
+    """n of the descending ``timesteps``, evenly spaced, the first and the last included."""
+    if n >= len(timesteps):
+        return timesteps
+    if n <= 1:
+        return timesteps[:n]
+    return [timesteps[round(i * (len(timesteps) - 1) / (n - 1))] for i in range(n)]
+
+
 def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Gather values[t] where t lives and shape it to broadcast over a NCHW batch like ``like``.
 
@@ -123,3 +155,48 @@ def denoise(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
         if on_step is not None:
             on_step(t, x)
     return x
+
+
+def denoise_skipping(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
+                     timesteps: Sequence[int], end: int, eta: float,
+                     generator: torch.Generator | None = None,
+                     on_step: StepHook | None = None) -> torch.Tensor:
+    """The generalised DDIM update (Song et al. 2021, eq. 12) from each of the descending
+    ``timesteps`` to the next, and from the last to level ``end`` (-1: the clean image).
+
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, with
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev): eta = 0 is
+    DDIM, eta = 1 the DDPM posterior over the skipped levels. x0_hat is clipped to [-1, 1] as
+    the DDPM scheduler does. ``on_step(t, x)`` as in :func:`denoise`.
+    """
+    abar = scheduler.alphas_cumprod
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else end
+        a_t = abar[t].to(x.device)
+        a_prev = abar[prev].to(x.device) if prev >= 0 else torch.ones((), device=x.device)
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps_hat = model(x, t_batch)
+        x0_hat = ((x - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()).clamp(-1.0, 1.0)
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        x = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps_hat
+        if eta > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        if on_step is not None:
+            on_step(t, x)
+    return x
+
+
+def sample_steps(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
+                 timesteps: Sequence[int], end: int, sampler: str,
+                 generator: torch.Generator | None = None,
+                 on_step: StepHook | None = None) -> torch.Tensor:
+    """One party's half of a sampler, from timesteps[0] down to level ``end``: the DDPM chain
+    step by step where it visits every level (the loop every run has used), else
+    :func:`denoise_skipping` (eta 1 for ddpm, 0 for ddim)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
+    every_level = all(a - b == 1 for a, b in zip(timesteps, [*timesteps[1:], end]))
+    if sampler == "ddpm" and every_level:
+        return denoise(model, scheduler, x, timesteps, generator, on_step)
+    return denoise_skipping(model, scheduler, x, timesteps, end,
+                            1.0 if sampler == "ddpm" else 0.0, generator, on_step)

@@ -75,6 +75,8 @@ class SampleRequest(Message):
     kind: ClassVar[str] = "sample-request"
     num_samples: int
     seed: int
+    sampler: str = "ddpm"  # "ddpm" or "ddim"
+    steps: int = 0  # model calls in all (diffusion.sampling_plan); 0: every one of the T
 
 
 @dataclass
@@ -84,6 +86,8 @@ class PartialSamples(Message):
     kind: ClassVar[str] = "partial-samples"
     x: torch.Tensor  # float32 (N, C, H, W)
     cut: int
+    sampler: str = "ddpm"  # the request's, so that the client finishes the same sampler
+    steps: int = 0
 
 
 KINDS = {cls.kind: cls for cls in (NoisedBatch, NoisyViews, SampleRequest, PartialSamples)}

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from .diffusion import StepHook, denoise, server_timesteps
+from .diffusion import StepHook, sample_steps, sampling_plan
 from .messages import (Message, MessageError, NoisedBatch, NoisyViews, PartialSamples,
                        SampleRequest, TRAINING_KINDS, check_images, on_host)
 from .metering import SERVER
@@ -94,6 +94,8 @@ class Server(Party):
 
         x_T and the step noises come from the server's own stream for the request's seed.
         ``on_step`` (see :func:`collafuse.diffusion.denoise`) first sees the pure noise, as t = T.
+        The request's ``sampler`` and ``steps`` choose the server's part of the sampler
+        (:func:`collafuse.diffusion.sampling_plan`); it still hands over at level s_i - 1.
         """
         if request.num_samples < 1:
             raise MessageError(f"{request.kind} from {request.client_id}: num_samples must be "
@@ -105,6 +107,8 @@ class Server(Party):
             if on_step is not None:
                 on_step(self.num_timesteps, x)
             cut = self.cut_of(request.client_id)
-            x = denoise(self._sampling_eps, self.scheduler, x,
-                        server_timesteps(cut, self.num_timesteps), generator, on_step)
-        return PartialSamples(client_id=request.client_id, x=x, cut=cut)
+            timesteps, _ = sampling_plan(cut, self.num_timesteps, request.steps)
+            x = sample_steps(self._sampling_eps, self.scheduler, x, timesteps, cut - 1,
+                             request.sampler, generator, on_step)
+        return PartialSamples(client_id=request.client_id, x=x, cut=cut,
+                              sampler=request.sampler, steps=request.steps)

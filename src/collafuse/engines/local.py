@@ -78,7 +78,8 @@ class Run:
         Server and client draw from their own streams for ``seed``; ``on_step(t, x)`` sees every
         step of both halves (see :func:`collafuse.diffusion.denoise`)."""
         client = self.clients[client_id]
-        request = client.request_samples(num_samples, seed)
+        request = client.request_samples(num_samples, seed, self.cfg.sample.sampler,
+                                         self.cfg.sample.steps)
         self._count(client.name, SERVER, request.nbytes, "sampling")
         partial = self.server.generate(request, on_step)
         self._count(SERVER, client.name, partial.nbytes, "sampling")

@@ -354,14 +354,15 @@ def train(grid: Grid, context: Context) -> dict:
                     warn("round %d: node %s (client %s) left out of this round: %s",
                          rnd, n, cid, err)
             answered = client_order(cfg, inbox)
-            steps = [server.train_step([inbox[c][k] for c in answered]) for k in range(K)] \
-                if answered else []
+            server_losses = [server.train_step([inbox[c][k] for c in answered])
+                             for k in range(K)] if answered else []
             progress = {"round": rnd, "rounds": rounds, "batches-per-round": K,
                         "server-steps": server.steps}
             save(server, progress, settings.run_dir)
-            steps = [x.item() for x in steps if x is not None]
+            server_losses = [x.item() for x in server_losses if x is not None]
             line = {"round": rnd, "clients": answered, "problems": problems,
-                    "server_loss": sum(steps) / len(steps) if steps else None,
+                    "server_loss": (sum(server_losses) / len(server_losses)
+                                    if server_losses else None),
                     "client_loss": losses, "bytes": nbytes,
                     "seconds": time.perf_counter() - start}
             log.write(json.dumps(line) + "\n")
@@ -399,10 +400,11 @@ def sample(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> dict[
     for group in by_cut.values():
         info("sampling: generating %d hand-overs for %s", n * len(group), group)
         partial = server.generate(SampleRequest(client_id=group[0], num_samples=n * len(group),
-                                                seed=cfg.sample.seed))
+                                                seed=cfg.sample.seed, sampler=cfg.sample.sampler,
+                                                steps=cfg.sample.steps))
         for i, cid in enumerate(group):
             part = PartialSamples(client_id=cid, x=partial.x[i * n:(i + 1) * n].cpu(),
-                                  cut=partial.cut)
+                                  cut=partial.cut, sampler=partial.sampler, steps=partial.steps)
             contents[roster.node_of[cid]] = transport.pack([encode(part)], meta)
             clients[roster.node_of[cid]] = cid
     replies, failed = Exchange(grid, "query.sample", contents, settings.sample_timeout,
