@@ -11,7 +11,8 @@ from collafuse.engines.local import SECRETS, load_run, run_training
 from collafuse.state import StateError, load_state
 
 RUN_FILES = ["config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json",
-             "samples/DU.png", "samples/DU.npz", "samples/HT.png", "samples/HT.npz"]
+             "samples/DU.png", "samples/DU.npz", "samples/HT.png", "samples/HT.npz",
+             "samples/DU-real-vs-generated.png", "samples/HT-real-vs-generated.png"]
 
 
 @pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
@@ -31,6 +32,8 @@ def test_loss_falls_and_run_folder_is_complete(tiny_config, tmp_path, protocol):
     samples = np.load(tmp_path / "run/samples/DU.npz")
     assert samples["images"].shape == (4, 16, 16) and samples["images"].dtype == np.uint8
     assert samples["handover"].shape == (4, 1, 16, 16)
+    from PIL import Image  # real | generated: two 2x2 grids of 16x16 images and an 8 px gap
+    assert Image.open(tmp_path / "run/samples/DU-real-vs-generated.png").size == (2 * 38 + 8, 38)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["protocol"] == protocol and summary["cut_index"] == 10
     assert summary["bytes"]["DU"]["sent"] > 0 and summary["bytes"]["server"]["received"] > 0

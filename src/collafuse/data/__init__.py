@@ -7,7 +7,7 @@ from .imageset import DataError, ImageSet
 from .loaders import FolderLayout, ImageFolder, image_folder, image_sizes, load_images, parse_layout
 from .partition import PARTITIONS, DataWarning, partition, patient_ids, split_holdout
 from .saving import save_images
-from .transforms import normalise_intensity, save_grid, to_model, to_uint8
+from .transforms import normalise_intensity, save_grid, save_side_by_side, to_model, to_uint8
 
 __all__ = [
     "PARTITIONS",
@@ -24,6 +24,7 @@ __all__ = [
     "partition",
     "patient_ids",
     "save_grid",
+    "save_side_by_side",
     "save_images",
     "split_holdout",
     "to_model",

@@ -84,8 +84,8 @@ def fit_array(images: np.ndarray, image_size: int | None, channels: int) -> np.n
     return np.stack([fit_image(Image.fromarray(im), image_size, channels) for im in images])
 
 
-def save_grid(images_uint8: np.ndarray, path, nrow: int, padding: int = 2) -> None:
-    """Write uint8 images (N,H,W) or (N,H,W,3) as a PNG grid with nrow images per row, atomically."""
+def grid_array(images_uint8: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
+    """uint8 images (N,H,W) or (N,H,W,3) tiled nrow per row on a black background."""
     x = np.asarray(images_uint8)
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) == 0 or nrow < 1:
         raise DataError(f"save_grid: expected non-empty uint8 (N,H,W[,3]) and nrow >= 1, found {x.dtype} {x.shape}")
@@ -97,5 +97,23 @@ def save_grid(images_uint8: np.ndarray, path, nrow: int, padding: int = 2) -> No
         r, c = divmod(i, nrow)
         y0, x0 = padding + r * (h + padding), padding + c * (w + padding)
         grid[y0 : y0 + h, x0 : x0 + w] = im
+    return grid
+
+
+def save_grid(images_uint8: np.ndarray, path, nrow: int, padding: int = 2) -> None:
+    """Write uint8 images (N,H,W) or (N,H,W,3) as a PNG grid with nrow images per row, atomically."""
+    grid = grid_array(images_uint8, nrow, padding)
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def save_side_by_side(left_uint8: np.ndarray, right_uint8: np.ndarray, path, nrow: int,
+                      gap: int = 8) -> None:
+    """Two grids of equally many images side by side, a white gap between (e.g. real |
+    generated), as one PNG, atomically."""
+    left, right = grid_array(left_uint8, nrow), grid_array(right_uint8, nrow)
+    if left.shape != right.shape:
+        raise DataError(f"save_side_by_side: grids of shapes {left.shape} and {right.shape}")
+    white = np.full((left.shape[0], gap) + left.shape[2:], 255, np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate([left, white, right], axis=1)).save(tmp, format="PNG")

@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, load_config
-from ..data import save_grid, to_uint8
+from ..data import save_grid, save_side_by_side, to_uint8
 from ..factory import client_secret, load_client_data, make_client, make_server, total_rounds
 from ..metering import SERVER, WallMeter, client_party, totals
 from ..state import StateError, load_state, save_npz, save_state, write_text
@@ -200,13 +201,21 @@ def truncate_metrics(path: Path, last_round: int) -> None:
 
 def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
                   seed: int | None = None) -> dict[str, Path]:
-    """Split inference for every client: a PNG grid and an npz per client under samples/."""
+    """Split inference for every client: a PNG grid and an npz per client under samples/, and
+    ``<id>-real-vs-generated.png``: as many of the client's own images (left) beside them."""
     num_samples = num_samples or run.cfg.sample.num_samples
     seed = run.cfg.sample.seed if seed is None else seed
     out = {}
-    for cid in run.clients:
+    for cid, client in run.clients.items():
         images, handover = run.sample(cid, num_samples, seed)
         out[cid], _ = save_samples(run_dir / "samples", cid, images, handover)
+        # beside as many of the client's own training images, drawn at random: judge at a glance
+        pick = torch.randperm(len(client.images), generator=torch.Generator().manual_seed(seed))
+        real = client.images[pick[:len(images)]]
+        if len(real) == len(images):
+            save_side_by_side(to_uint8(real), to_uint8(images),
+                              run_dir / "samples" / f"{cid}-real-vs-generated.png",
+                              nrow=int(np.ceil(np.sqrt(len(images)))))
     return out
 
 
