@@ -11,6 +11,7 @@ SuperNode authentication follows docs/deployment.md.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import ssl
@@ -70,13 +71,14 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     """SuperLink + two SuperNodes (insecure loopback), tiny preset, noisy-data protocol.
 
     Run 1: two rounds and one split inference; models equal the in-process engine's.
-    Run 2 (the server restarted on the same run-dir, 5 rounds): it resumes after round 2;
+    Run 2 (the server restarted on the same run-dir, 7 rounds): it resumes after round 2;
     HT's SuperNode is SIGKILLed as round 3's request reaches it and started again with the same
-    state-dir: round 3 goes on with DU alone (logged), HT is back from round 4, resuming from
-    its disk (once the SuperLink has marked its killed node offline, about a minute: round 4 or
-    5). The ServerApp is SIGKILLed once round 4 is saved, while round 5's requests are out.
-    Run 3 (the same command again): resumes after round 4; the nodes answer round 5 from their
-    stored replies, so no node trains a round twice. Run 4 (task='sample') only samples.
+    state-dir: round 3 goes on with DU alone (logged), and HT is back, resuming from its disk,
+    once the SuperLink has marked its killed node offline (about a minute). The ServerApp is
+    SIGKILLed once the first round HT served again is saved, while the next round's requests
+    are out. Run 3 (the same command again): resumes there; the nodes answer the next round
+    from their stored replies, so no node trains a round twice. Run 4 (task='sample') only
+    samples.
     """
     cfg_path = tiny_config(tmp_path, protocol="noisy-data")
     cfg = load_config(cfg_path)
@@ -111,29 +113,37 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
             assert state["round"] == 2 and state["client"]["steps"] == 2
 
         # --- run 2: restarted server resumes; a node is SIGKILLed mid-round and comes back;
-        # then the server is SIGKILLed after saving round 4
+        # then the server is SIGKILLed after saving the first round HT served again
+        killed_after = []
+
         def faults():
             # HT's third train message is round 3's (run 1 sent two): it dies receiving it
             _wait_for(lambda: dep.tail("HT", 10**6).count("Receiving: train message") >= 3, 250,
                       "round 3 never reached HT")
             dep.kill("HT", signal.SIGKILL)
             dep.add_supernode("HT", node_cfg["HT"])  # same state-dir: resumes from disk
-            _wait_for(lambda: "round 4/5" in dep.tail("flwr-run", 10**6), 400, "no round 4")
+            _wait_for(lambda: "client HT is back on node" in dep.tail("flwr-run", 10**6), 300,
+                      "HT never came back")
+            # the round line is logged once the round is saved and the next is out
+            done = re.compile(r"round (\d)/7: 2/2 clients")
+            _wait_for(lambda: done.search(dep.tail("flwr-run", 10**6)), 300, "no round with HT")
             assert dep.kill_app("flwr-serverapp") >= 1
+            killed_after.append(int(done.search(dep.tail("flwr-run", 10**6)).group(1)))
             dep.kill("flwr-run")
 
         th = threading.Thread(target=faults, daemon=True)
         th.start()
         try:
-            dep.run({**rc, "rounds": 5}, timeout=500)
+            dep.run({**rc, "rounds": 7}, timeout=600)
         except TimeoutError:
             pass  # the CLI may wait for a run whose ServerApp is gone; it was killed with it
         th.join(5)
         out2 = dep.tail("flwr-run", 10**6)
-        assert _server_state(run_dir)["progress"]["round"] == 4, out2
+        saved = _server_state(run_dir)["progress"]["round"]
+        assert killed_after and saved == killed_after[0] < 7, out2
 
-        # --- run 3: the same command; round 5 is answered from the nodes' stored replies
-        res3 = dep.run({**rc, "rounds": 5}, timeout=300)
+        # --- run 3: the same command; the round after is answered from the nodes' stored replies
+        res3 = dep.run({**rc, "rounds": 7}, timeout=300)
         assert res3.returncode == 0, res3.stdout
         resent = dep.tail("DU", 10**6).count("asked again; resending the stored reply")
 
@@ -141,24 +151,23 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
         res4 = dep.run({**rc, "task": "sample", "sample-n": 2}, timeout=300)
         assert res4.returncode == 0, res4.stdout
         result = json.loads((run_dir / "flower-result.json").read_text())
-        assert result["rounds"] == 5 and set(result["samples"]) == {"DU", "HT"}
+        assert result["rounds"] == 7 and set(result["samples"]) == {"DU", "HT"}
         assert all(result["samples"][c]["num-images"] == 2 for c in ("DU", "HT"))
     assert "resuming" in out2 and "after round 2" in out2
     assert "left out of this round" in out2
-    assert "client HT is back on node" in out2
-    assert "after round 4" in res3.stdout
+    assert f"after round {saved}" in res3.stdout
     assert resent >= 1
     lines = _metrics(run_dir)
-    assert [x["round"] for x in lines] == [1, 2, 3, 4, 5]
+    assert [x["round"] for x in lines] == list(range(1, 8))
     assert all(x["clients"] == ["DU", "HT"] for x in lines[:2])
     assert lines[2]["clients"] == ["DU"] and "HT" in lines[2]["problems"]
-    assert lines[4]["clients"] == ["DU", "HT"]
+    assert lines[saved - 1]["clients"] == ["DU", "HT"] and lines[-1]["clients"] == ["DU", "HT"]
     assert all(x["bytes"]["DU"] > 0 and "DU" in x["client_loss"] for x in lines)
     ht_rounds = sum("HT" in x["clients"] for x in lines)
-    for cid, steps in (("DU", 5), ("HT", ht_rounds)):  # exactly once: one step per round served
+    for cid, steps in (("DU", 7), ("HT", ht_rounds)):  # exactly once: one step per round served
         state = _node_state(tmp_path, cid)
-        assert state["round"] == 5 and state["client"]["steps"] == steps
-    assert _server_state(run_dir)["server"]["steps"] == 5
+        assert state["round"] == 7 and state["client"]["steps"] == steps
+    assert _server_state(run_dir)["server"]["steps"] == 7
 
 
 def test_tls_supernode_auth_three_hospitals(tmp_path):
