@@ -201,19 +201,21 @@ def from_dict(raw: dict, source: str = "config") -> Config:
                               f"{sorted(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        if name == "clients":
-            built[name] = {cid: _build_section(ClientConfig, own, f"{source}: clients.{cid}")
-                           if isinstance(own, dict) else _not_a_table(source, f"clients.{cid}")
-                           for cid, own in values.items()}
-            continue
-        built[name] = _build_section(hints[name], values, f"{source}: {name}")
+        built[name] = (_build_clients(values, source) if name == "clients"
+                       else _build_section(hints[name], values, f"{source}: {name}"))
     cfg = Config(**built)
     _check_values(cfg, source)
     return cfg
 
 
-def _not_a_table(source: str, name: str):
-    raise ConfigError(f"{source}: [{name}] must be a table")
+def _build_clients(values: dict, source: str) -> dict[str, ClientConfig]:
+    """``[clients.<id>]`` tables, each a ClientConfig."""
+    clients = {}
+    for cid, own in values.items():
+        if not isinstance(own, dict):
+            raise ConfigError(f"{source}: [clients.{cid}] must be a table")
+        clients[cid] = _build_section(ClientConfig, own, f"{source}: clients.{cid}")
+    return clients
 
 
 def _build_section(cls, values: dict, where: str):

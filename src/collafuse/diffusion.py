@@ -173,7 +173,7 @@ def denoise_skipping(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
     for i, t in enumerate(timesteps):
         prev = timesteps[i + 1] if i + 1 < len(timesteps) else end
         a_t = abar[t].to(x.device)
-        a_prev = abar[prev].to(x.device) if prev >= 0 else torch.ones((), device=x.device)
+        a_prev = _abar_before_cut(scheduler, prev + 1).to(x.device)  # 1 at prev = -1
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps_hat = model(x, t_batch)
         x0_hat = ((x - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()).clamp(-1.0, 1.0)

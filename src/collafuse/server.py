@@ -58,9 +58,10 @@ class Server(Party):
                                    f"server's range [{cut}, {self.num_timesteps})")
         if isinstance(msg, NoisyViews):
             check_images(msg, "views", self.image_shape)
-            if msg.cut != self.cut_of(msg.client_id):
+            cut = self.cut_of(msg.client_id)
+            if msg.cut != cut:
                 raise MessageError(f"{msg.kind} from {msg.client_id}: views made for cut index "
-                                   f"{msg.cut}, the server uses {self.cut_of(msg.client_id)}")
+                                   f"{msg.cut}, the server uses {cut}")
 
     def train_step(self, messages: list[Message]) -> torch.Tensor | None:
         """One optimiser step on the union of the clients' messages of one batch index.

@@ -195,14 +195,19 @@ def _source_key(cfg, node: Node) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _cache_index(node: Node, key: str) -> dict | None:
+    """The cached images' index ({"key", "num-images"}) when the cache is there and current."""
+    key_file = node.state_dir / IMAGES_KEY
+    if not (key_file.is_file() and (node.state_dir / IMAGES_CACHE).is_file()):
+        return None
+    index = json.loads(key_file.read_text())
+    return index if index["key"] == key else None
+
+
 def _num_images(cfg, node: Node) -> int:
     """The image count, from the cache's index when it is current (no torch import)."""
-    key_file = node.state_dir / IMAGES_KEY
-    if key_file.is_file():
-        index = json.loads(key_file.read_text())
-        if index["key"] == _source_key(cfg, node) and (node.state_dir / IMAGES_CACHE).is_file():
-            return int(index["num-images"])
-    return len(_images(cfg, node))
+    index = _cache_index(node, _source_key(cfg, node))
+    return int(index["num-images"]) if index else len(_images(cfg, node))
 
 
 def _images(cfg, node: Node):
@@ -211,8 +216,7 @@ def _images(cfg, node: Node):
     from ...data import load_images, normalise_intensity, save_images, split_holdout
 
     key, cache = _source_key(cfg, node), node.state_dir / IMAGES_CACHE
-    key_file = node.state_dir / IMAGES_KEY
-    if key_file.is_file() and json.loads(key_file.read_text())["key"] == key and cache.is_file():
+    if _cache_index(node, key):
         return load_images(cache)
     if node.data_path is None:
         from ...factory import load_client_data
@@ -232,7 +236,7 @@ def _images(cfg, node: Node):
         if cfg.data.max_images_per_client:
             images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
     save_images(images, cache)
-    write_text(key_file, json.dumps({"key": key, "num-images": len(images)}))
+    write_text(node.state_dir / IMAGES_KEY, json.dumps({"key": key, "num-images": len(images)}))
     return images
 
 

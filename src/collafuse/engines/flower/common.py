@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from logging import INFO, WARNING
@@ -23,6 +24,7 @@ def warn(msg: str, *args: Any) -> None:
     log(WARNING, LOG_PREFIX + msg, *args)
 
 
+@functools.cache  # the sources do not change while a process runs
 def code_digest() -> str:
     """sha256 over the CollaFuse package's Python sources (path and bytes of each file).
 

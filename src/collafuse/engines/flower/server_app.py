@@ -41,7 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 from . import transport
 from ...state import write_text
 from .common import code_digest, info, warn, write_json
-from .replies import RejectedReply, accept_hello, accept_sample, accept_train, one_line
+from .replies import RejectedReply, accept_hello, accept_sample, accept_train
 
 app = ServerApp()
 
@@ -443,10 +443,8 @@ def main(grid: Grid, context: Context) -> None:
     from ...device import enlarge_cpu_kernel_cache
 
     enlarge_cpu_kernel_cache()  # before any convolution runs, as the collafuse command does
-    task = str(context.run_config.get("task", "train"))
-    if task == "sample":
+    # Settings.of refuses any other task, before a node is asked anything
+    if str(context.run_config.get("task", "train")) == "sample":
         sample_only(grid, context)
-    elif task == "train":
-        train(grid, context)
     else:
-        raise ValueError(f"run config task={one_line(task)!r}: expected 'train' or 'sample'")
+        train(grid, context)
