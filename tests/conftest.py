@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from collafuse.config import load_config
+from collafuse.device import enlarge_cpu_kernel_cache
 
 # Tests compare runs bit for bit; on a GPU machine (run.device = "auto" trains there) that needs
 # cuDNN's deterministic kernels, and the plain attention kernel (the fused ones may accumulate
 # gradients in a varying order). No effect on the CPU.
 torch.backends.cudnn.deterministic = True
+enlarge_cpu_kernel_cache()  # as the collafuse command does: the split meets many batch sizes
 if torch.cuda.is_available():
     for fused_attention in ("flash", "mem_efficient", "cudnn"):
         getattr(torch.backends.cuda, f"enable_{fused_attention}_sdp")(False)

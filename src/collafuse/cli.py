@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="default: the run's sample.sampler")
     sample.add_argument("--steps", type=int, help="model calls per sample, server and client "
                         "together (0 = all T; default: the run's sample.steps)")
+    sample.add_argument("--label", help="conditional runs: the class to generate, one of "
+                        "model.classes (default: the run's sample.label; '' = every class)")
     _add_device(sample, "the run's run.device")
     sample.set_defaults(func=_sample)
 
@@ -197,7 +199,7 @@ def _sample(args) -> None:
     if args.steps is not None:
         run.cfg.sample.steps = args.steps
     out = args.out or args.run_dir
-    for cid, path in write_samples(run, out, args.num_samples, args.seed).items():
+    for cid, path in write_samples(run, out, args.num_samples, args.seed, args.label).items():
         print(f"samples of {cid}: {path}")
 
 

@@ -31,12 +31,18 @@ class Client(Party):
     def __init__(self, client_id: str, images: torch.Tensor, model: torch.nn.Module,
                  scheduler, cut: int, protocol: str, batch_size: int, lr: float,
                  seed: int, secret: bytes, ema_decay: float | None = None, meter=None,
-                 device: str | torch.device = "cpu", compile: bool = False):
+                 device: str | torch.device = "cpu", compile: bool = False,
+                 labels: torch.Tensor | None = None, num_classes: int = 0,
+                 label_dropout: float = 0.0, send_labels: bool = False):
         """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere.
         ``seed`` makes the public draws reproducible (batch order, t, training noise); ``secret``
         (at least 16 random bytes) makes what the server must not know. ``images`` and
         ``views`` stay as given, on the host, for evaluation; training reads copies resident on
-        the client's device."""
+        the client's device.
+
+        ``labels`` (int64 class indices, one per image) make the client's model class-conditional
+        over ``num_classes`` classes (model.condition "client" or "both"); they go to the server
+        only with ``send_labels`` (model.condition = "both")."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
                              f"got shape {tuple(images.shape)}")
@@ -44,9 +50,16 @@ class Client(Party):
             raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError(f"client {client_id}: the secret must be at least 16 random bytes")
+        if labels is not None and (not num_classes or tuple(labels.shape) != (len(images),)):
+            raise ValueError(f"client {client_id}: expected one label per image and "
+                             "num_classes >= 1")
+        if send_labels and labels is None:
+            raise ValueError(f"client {client_id}: send_labels needs labels")
         super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
-                         compile)
+                         compile, num_classes if labels is not None else 0, label_dropout)
         self.client_id = client_id
+        self.labels = labels
+        self.send_labels = send_labels
         self.images = images
         self.batch_size = min(batch_size, len(images))
         self.views = self._make_views(secret) if self.protocol == "noisy-data" else None
@@ -100,40 +113,53 @@ class Client(Party):
             rows, own_rows = (self.place.put(mask.nonzero().squeeze(1)) for mask in (sent, own))
             x_t = add_noise(self.scheduler, x0[rows], eps[rows], t[sent])
             views = self._views[self.place.put(idx[sent])] if self._views is not None else None
+            labels = None if self.labels is None else self.labels[idx]
             message = server_message(self.protocol, self.client_id, x_t, t[sent], eps[rows],
-                                     views, self.cut)
+                                     views, self.cut, labels[sent] if self.send_labels else None)
         if bool(own.any()):
             with self.meter.measure(self.name, "training"):
-                self._optimise(local_loss(self._eps, self.scheduler, x0[own_rows], t[own],
-                                          eps[own_rows]))
+                own_labels = None if labels is None else self._drop_labels(labels[own])
+                self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, own_labels),
+                                          self.scheduler, x0[own_rows], t[own], eps[own_rows]))
         self.steps += 1
         return message
 
     def request_samples(self, num_samples: int, seed: int = 0, sampler: str = "ddpm",
-                        steps: int = 0) -> SampleRequest:
+                        steps: int = 0, labels: torch.Tensor | None = None,
+                        guidance_scale: float = 1.0) -> SampleRequest:
         """Ask for ``num_samples`` hand-overs of a ``sampler`` of ``steps`` model calls in all
-        (0: every one of the T; :func:`collafuse.diffusion.sampling_plan`)."""
+        (0: every one of the T; :func:`collafuse.diffusion.sampling_plan`). The samples'
+        class ``labels`` and the guidance scale go into the request only with send_labels."""
         if num_samples < 1:
             raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples}")
+        self.check_labels(labels, num_samples, f"client {self.client_id}'s sample labels")
+        if not self.send_labels:
+            return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed,
+                                 sampler=sampler, steps=steps)
         return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed,
-                             sampler=sampler, steps=steps)
+                             sampler=sampler, steps=steps, labels=labels,
+                             guidance_scale=guidance_scale)
 
     @torch.no_grad()
     def finish_samples(self, partial: PartialSamples, seed: int = 0,
-                       on_step: StepHook | None = None) -> torch.Tensor:
+                       on_step: StepHook | None = None, labels: torch.Tensor | None = None,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
         """Run the client's steps t = s-1 .. 0 on the server's hand-over; images in [-1, 1].
 
         The step noises come from the client's own stream for ``seed``, never the server's: a
-        replay of the server's draws would correlate the two halves of the chain.
+        replay of the server's draws would correlate the two halves of the chain. A conditional
+        client steers its steps towards ``labels`` with classifier-free guidance.
         """
         if partial.cut != self.cut:
             raise ValueError(f"partial samples made for cut index {partial.cut}, "
                              f"client {self.client_id} uses {self.cut}")
         x = self.place.put(check_images(partial, "x", tuple(self.images.shape[1:])))
+        self.check_labels(labels, x.shape[0], f"client {self.client_id}'s sample labels")
         _, timesteps = sampling_plan(self.cut, self.num_timesteps, partial.steps)
         with self.meter.measure(self.name, "sampling"):
-            return sample_steps(self._sampling_eps, self.scheduler, x, timesteps, -1,
-                                partial.sampler, self.stream("sample", seed), on_step)
+            return sample_steps(self.guided_eps(labels, guidance_scale), self.scheduler, x,
+                                timesteps, -1, partial.sampler, self.stream("sample", seed),
+                                on_step)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "order": self.order, "position": self.position}

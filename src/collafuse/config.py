@@ -67,6 +67,17 @@ class DiffusionConfig:
 @dataclass
 class ModelConfig:
     preset: str = "small"  # "tiny" (tests), "small" (CPU), "paper" (128x128, GPU)
+    # class-conditional generation: "none"; "both" (client and server models take the label,
+    # and the clients send it with every server-owned image); "client" (only the clients'
+    # models take it: the server stays unconditional and never sees a label)
+    condition: str = "none"
+    # the class names, in the order of the model's class indices (public: every party reads
+    # the config); an image's class is its data's "label" (an image folder's class), or, for
+    # LGG data, "tumour" / "no-tumour" from its tumour mask (collafuse.data.class_names)
+    classes: list[str] = field(default_factory=list)
+    # the fraction of training labels replaced by "no label", so that the model also learns
+    # the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)
+    label_dropout: float = 0.1
 
 
 @dataclass
@@ -93,6 +104,10 @@ class SampleConfig:
     # model calls per sample, server and client together; 0 = all T. Fewer still split where
     # the full chain does (diffusion.sampling_plan)
     steps: int = 0
+    # conditional models only: the class to generate ("" = every class in turn) and the
+    # classifier-free guidance scale (1 = the conditional model alone, 0 = unconditional)
+    label: str = ""
+    guidance_scale: float = 2.0
 
 
 @dataclass
@@ -111,6 +126,7 @@ class EvaluationConfig:
 
 
 PRESETS = ("tiny", "small", "paper")  # collafuse.models.make_unet's presets
+CONDITIONS = ("none", "both", "client")  # model.condition: where the class label goes
 
 
 @dataclass
@@ -284,6 +300,15 @@ def _check_values(cfg: Config, source: str) -> None:
         (cfg.sample.sampler in ("ddpm", "ddim"), "sample.sampler", "'ddpm' or 'ddim'"),
         (cfg.sample.steps == 0 or cfg.sample.steps >= 2, "sample.steps",
          "0 (every step) or an integer >= 2"),
+        (cfg.model.condition in CONDITIONS, "model.condition", "'none', 'both' or 'client'"),
+        (cfg.model.condition == "none" or (len(cfg.model.classes) >= 2 and len(
+            set(cfg.model.classes)) == len(cfg.model.classes)), "model.classes",
+         "two or more distinct class names when model.condition is not 'none'"),
+        (0.0 <= cfg.model.label_dropout < 1.0, "model.label_dropout", "a number in [0, 1)"),
+        (cfg.sample.label == "" or cfg.sample.label in cfg.model.classes, "sample.label",
+         "'' or one of model.classes"),
+        (0.0 <= cfg.sample.guidance_scale <= 100.0, "sample.guidance_scale",
+         "a number in [0, 100]"),
         (cfg.evaluation.num_samples >= 2, "evaluation.num_samples", "an integer >= 2"),
         (cfg.evaluation.kid_subsets >= 1, "evaluation.kid_subsets", "an integer >= 1"),
         (cfg.evaluation.kid_subset_size >= 2, "evaluation.kid_subset_size", "an integer >= 2"),

@@ -133,6 +133,14 @@ def renoise_coefficients(scheduler: DDPMScheduler, t: torch.Tensor,
     return ratio.sqrt(), (1.0 - ratio).sqrt(), (1.0 - abar).sqrt()
 
 
+def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with w = guidance_scale - 1):
+    eps_uncond + guidance_scale (eps_cond - eps_uncond). 1 is the conditional model alone,
+    0 the unconditional one, larger values push samples further towards their class."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
 StepHook = Callable[[int, torch.Tensor], None]
 
 

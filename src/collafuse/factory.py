@@ -67,14 +67,16 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
 def make_server(cfg: Config, device: str | None = None) -> Server:
     """The server, on ``device`` (default: ``run.device``)."""
     torch.manual_seed(party_seed(cfg, "server:init"))
-    model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels)
+    num_classes = len(cfg.model.classes) if cfg.model.condition == "both" else 0
+    model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels, num_classes)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     T = cfg.diffusion.num_timesteps
     return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
                   cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
                   seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
                   device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
-                  cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients})
+                  cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients},
+                  num_classes=num_classes, label_dropout=cfg.model.label_dropout)
 
 
 def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
@@ -90,14 +92,19 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
     """A client, on ``device`` (default: ``run.device``; a Flower node may choose its own), with
     its own cut ratio and UNet preset where ``[clients.<id>]`` sets them."""
     torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
-    model = make_unet(cfg.preset(client_id), cfg.data.image_size, cfg.data.channels)
+    m = cfg.model
+    num_classes = len(m.classes) if m.condition != "none" else 0
+    model = make_unet(cfg.preset(client_id), cfg.data.image_size, cfg.data.channels, num_classes)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
+    labels = torch.from_numpy(images.class_indices(m.classes)) if num_classes else None
     return Client(client_id, to_model(images.images), model, scheduler,
                   cut_index(cfg.cut_ratio(client_id), cfg.diffusion.num_timesteps),
                   cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
                   seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
                   ema_decay=cfg.train.ema_decay or None,
-                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile)
+                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
+                  labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
+                  send_labels=m.condition == "both")
 
 
 def total_rounds(cfg: Config, client_sizes: list[int], batches_per_round: int | None = None) -> int:

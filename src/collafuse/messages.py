@@ -56,6 +56,7 @@ class NoisedBatch(Message):
     x_t: torch.Tensor  # float32 (N, C, H, W)
     t: torch.Tensor  # int64 (N,), every t >= s
     eps: torch.Tensor  # float32 (N, C, H, W)
+    labels: torch.Tensor | None = None  # int64 (N,) class indices: model.condition = "both" only
 
 
 @dataclass
@@ -66,6 +67,7 @@ class NoisyViews(Message):
     protocol: ClassVar[str] = "noisy-data"
     views: torch.Tensor  # float32 (N, C, H, W)
     cut: int  # the cut index s the views were made for
+    labels: torch.Tensor | None = None  # int64 (N,) class indices: model.condition = "both" only
 
 
 @dataclass
@@ -77,6 +79,10 @@ class SampleRequest(Message):
     seed: int
     sampler: str = "ddpm"  # "ddpm" or "ddim"
     steps: int = 0  # model calls in all (diffusion.sampling_plan); 0: every one of the T
+    # model.condition = "both" only: the class of each sample (int64 (num_samples,)) and the
+    # classifier-free guidance scale of the server's steps
+    labels: torch.Tensor | None = None
+    guidance_scale: float = 1.0
 
 
 @dataclass

@@ -31,8 +31,10 @@ PRESETS = {
 }
 
 
-def make_unet(preset: str, image_size: int, channels: int = 1) -> UNet2DModel:
-    """Build the noise predictor eps_hat(x_t, t) of one party."""
+def make_unet(preset: str, image_size: int, channels: int = 1, num_classes: int = 0) -> UNet2DModel:
+    """Build the noise predictor eps_hat(x_t, t) of one party, or eps_hat(x_t, t, y) with
+    ``num_classes`` > 0: a class embedding added to the time embedding, whose extra last row
+    (index ``num_classes``) is the "no label" of classifier-free guidance."""
     if preset not in PRESETS:
         raise ValueError(f"model.preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
@@ -51,12 +53,17 @@ def make_unet(preset: str, image_size: int, channels: int = 1) -> UNet2DModel:
         up_block_types=(lowest.replace("Down", "Up"),) + ("UpBlock2D",) * (levels - 1),
         norm_num_groups=p.norm_num_groups,
         attention_head_dim=8,
+        num_class_embeds=num_classes + 1 if num_classes else None,
     )
 
 
-def predict_noise(model: UNet2DModel, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """eps_hat(x_t, t): the one call every party makes to its model."""
-    return model(x_t, t).sample
+def predict_noise(model: UNet2DModel, x_t: torch.Tensor, t: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
+    """eps_hat(x_t, t[, y]): the one call every party makes to its model (``labels``: class
+    indices, for a conditional model only)."""
+    if labels is None:
+        return model(x_t, t).sample
+    return model(x_t, t, class_labels=labels).sample
 
 
 class EMA:

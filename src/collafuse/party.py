@@ -18,6 +18,8 @@ import hashlib
 import torch
 
 from .device import Placement
+from .diffusion import guided_noise
+from .messages import MessageError, on_host
 from .metering import NullMeter
 from .models import EMA, predict_noise
 from .protocols import check_protocol
@@ -27,7 +29,11 @@ from .state import load_state, save_state
 class Party:
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str, lr: float,
                  seed: int, ema_decay: float | None = None, meter=None,
-                 device: str | torch.device = "cpu", compile: bool = False):
+                 device: str | torch.device = "cpu", compile: bool = False,
+                 num_classes: int = 0, label_dropout: float = 0.0):
+        """``num_classes`` > 0: the model is class-conditional (:func:`collafuse.models.make_unet`),
+        trained with each label replaced by "no label" (index ``num_classes``) with probability
+        ``label_dropout``, so that it also learns the unconditional model guidance needs."""
         self.place = Placement.of(device)
         self.model = self.place.model(model)
         self.scheduler = scheduler
@@ -41,6 +47,8 @@ class Party:
         self.generator = torch.Generator().manual_seed(seed)
         self.noise_generator = (self.generator if self.place.is_cpu
                                 else self.place.generator(seed))
+        self.num_classes = num_classes
+        self.label_dropout = label_dropout
         self.steps = 0
         self.resumable = True  # False after loading random streams of another kind of device
         # the last training loss as a 0-d tensor on the device: reading it waits for the device
@@ -76,19 +84,62 @@ class Party:
         digest = hashlib.sha256(f"{self.seed}:{purpose}:{seed}".encode()).digest()
         return self.place.generator(int.from_bytes(digest[:4], "big"))
 
-    def predict(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """eps_hat in fp32 on x_t's device: the model runs on the party's device (callers such
-        as the audit may pass host tensors; training passes device tensors, and nothing moves)."""
+        as the audit may pass host tensors; training passes device tensors, and nothing moves).
+        A conditional model given no ``labels`` predicts without a label (the null class)."""
+        if self.num_classes and labels is None:
+            labels = torch.full((x_t.shape[0],), self.num_classes, dtype=torch.long)
+        if labels is not None:
+            labels = self.place.put(labels)
         with self.place.autocast():
-            eps = predict_noise(net, self.place.model_input(x_t), self.place.put(t))
+            eps = predict_noise(net, self.place.model_input(x_t), self.place.put(t), labels)
         return eps.float().to(x_t.device)
 
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.net, x_t, t)
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.predict(self.net, x_t, t, labels)
 
     def _sampling_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The noise predictor used for generation: the EMA weights where kept."""
+        """The noise predictor used for generation: the EMA weights where kept (no label)."""
         return self.predict(self.ema.model if self.ema else self.model, x_t, t)
+
+    def guided_eps(self, labels: torch.Tensor | None, guidance_scale: float):
+        """The generation noise predictor eps(x_t, t) for one batch of class ``labels``, with
+        classifier-free guidance (:func:`collafuse.diffusion.guided_noise`): the conditional
+        and the no-label predictions in one model call of twice the batch. None: no label."""
+        net = self.ema.model if self.ema else self.model
+        if labels is None or guidance_scale == 1.0:
+            return lambda x_t, t: self.predict(net, x_t, t, labels)
+        null = torch.full_like(labels, self.num_classes)
+
+        def eps(x_t, t):
+            both = self.predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                torch.cat([labels, null]))
+            return guided_noise(*both.chunk(2), guidance_scale)
+        return eps
+
+    def check_labels(self, labels: torch.Tensor | None, n: int, who: str) -> None:
+        """Raise MessageError unless ``labels`` fit this party's model: none for an unconditional
+        one; int64 class indices of shape (n,) in [0, num_classes) for a conditional one (None
+        allowed: no label)."""
+        if labels is None:
+            return
+        if not self.num_classes:
+            raise MessageError(f"{who}: carries class labels, but the {self.name} model is "
+                               "unconditional")
+        if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64
+                or tuple(labels.shape) != (n,)):
+            raise MessageError(f"{who}: labels must be int64 of shape ({n},)")
+        if on_host(labels) and n and not bool(((labels >= 0) & (labels < self.num_classes)).all()):
+            raise MessageError(f"{who}: labels outside [0, {self.num_classes})")
+
+    def _drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Training labels, each replaced by the null class with probability label_dropout
+        (classifier-free guidance training, Ho & Salimans 2022); drawn on the host."""
+        drop = torch.rand(labels.shape, generator=self.generator) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def _noise(self, shape) -> torch.Tensor:
         """Standard normal noise on the device, from the party's noise generator."""

@@ -26,14 +26,16 @@ def check_protocol(protocol: str) -> str:
 
 
 def server_message(protocol: str, client_id: str, x_t: torch.Tensor, t: torch.Tensor,
-                   eps: torch.Tensor, views: torch.Tensor, cut: int) -> Message:
+                   eps: torch.Tensor, views: torch.Tensor, cut: int,
+                   labels: torch.Tensor | None = None) -> Message:
     """What a client sends for the images of a batch whose t the server owns.
 
-    ``views`` are those images' fixed hand-over views (only noisy-data sends them).
+    ``views`` are those images' fixed hand-over views (only noisy-data sends them); ``labels``
+    their classes, where the server's model is conditional too (model.condition = "both").
     """
     if protocol == "shared-noise":
-        return NoisedBatch(client_id=client_id, x_t=x_t, t=t, eps=eps)
-    return NoisyViews(client_id=client_id, views=views, cut=cut)
+        return NoisedBatch(client_id=client_id, x_t=x_t, t=t, eps=eps, labels=labels)
+    return NoisyViews(client_id=client_id, views=views, cut=cut, labels=labels)
 
 
 def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler,

@@ -23,11 +23,13 @@ class Server(Party):
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str,
                  image_shape: tuple[int, int, int], lr: float, seed: int,
                  ema_decay: float | None = None, meter=None, device: str | torch.device = "cpu",
-                 compile: bool = False, cuts: dict[str, int] | None = None):
+                 compile: bool = False, cuts: dict[str, int] | None = None,
+                 num_classes: int = 0, label_dropout: float = 0.0):
         """``cut`` is the run's cut index s; ``cuts`` the clients with one of their own (the
-        server owns t >= s_i for client i)."""
+        server owns t >= s_i for client i). ``num_classes`` > 0: a class-conditional model
+        (model.condition = "both"), trained on the labels the clients send."""
         super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
-                         compile)
+                         compile, num_classes, label_dropout)
         self.image_shape = tuple(image_shape)
         self.cuts = dict(cuts or {})
 
@@ -62,6 +64,7 @@ class Server(Party):
             if msg.cut != cut:
                 raise MessageError(f"{msg.kind} from {msg.client_id}: views made for cut index "
                                    f"{msg.cut}, the server uses {cut}")
+        self.check_labels(msg.labels, msg.batch_size, f"{msg.kind} from {msg.client_id}")
 
     def train_step(self, messages: list[Message]) -> torch.Tensor | None:
         """One optimiser step on the union of the clients' messages of one batch index.
@@ -77,9 +80,18 @@ class Server(Party):
             return None
         self.steps += 1
         with self.meter.measure(self.name, "training"):
-            return self._optimise(server_loss(self.protocol, self._eps, self.scheduler,
-                                              messages, self.generator,
+            labels = self._training_labels(messages) if self.num_classes else None
+            return self._optimise(server_loss(self.protocol,
+                                              lambda x_t, t: self._eps(x_t, t, labels),
+                                              self.scheduler, messages, self.generator,
                                               self.noise_generator))
+
+    def _training_labels(self, messages: list[Message]) -> torch.Tensor:
+        """The messages' labels in server_loss's row order, after label dropout; the rows of a
+        message without labels get none (the null class)."""
+        return self._drop_labels(torch.cat([
+            torch.full((m.batch_size,), self.num_classes) if m.labels is None else m.labels
+            for m in messages]))
 
     def _receive(self, msg: Message) -> Message:
         """The message with its tensors on the server's device (the same message on the CPU)."""
@@ -101,6 +113,12 @@ class Server(Party):
         if request.num_samples < 1:
             raise MessageError(f"{request.kind} from {request.client_id}: num_samples must be "
                                f">= 1, got {request.num_samples}")
+        self.check_labels(request.labels, request.num_samples,
+                          f"{request.kind} from {request.client_id}")
+        scale = request.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 100:
+            raise MessageError(f"{request.kind} from {request.client_id}: guidance_scale must be "
+                               "a number in [0, 100]")
         with self.meter.measure(self.name, "sampling"):
             generator = self.stream("sample", request.seed)
             x = torch.randn((request.num_samples, *self.image_shape), generator=generator,
@@ -109,7 +127,7 @@ class Server(Party):
                 on_step(self.num_timesteps, x)
             cut = self.cut_of(request.client_id)
             timesteps, _ = sampling_plan(cut, self.num_timesteps, request.steps)
-            x = sample_steps(self._sampling_eps, self.scheduler, x, timesteps, cut - 1,
-                             request.sampler, generator, on_step)
+            x = sample_steps(self.guided_eps(request.labels, scale), self.scheduler, x,
+                             timesteps, cut - 1, request.sampler, generator, on_step)
         return PartialSamples(client_id=request.client_id, x=x, cut=cut,
                               sampler=request.sampler, steps=request.steps)

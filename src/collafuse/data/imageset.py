@@ -44,3 +44,23 @@ class ImageSet:
         if name not in self.meta:
             raise DataError(f"ImageSet.meta: expected field {name!r}, found fields {sorted(self.meta)}")
         return self.meta[name]
+
+    def class_names(self) -> np.ndarray:
+        """Each image's class name, for class-conditional models: the "label" field (an image
+        folder's class, or an npz's own), else for LGG data "tumour" or "no-tumour" by whether
+        the slice's tumour mask has any pixel ("tumor_pixels")."""
+        if "label" in self.meta:
+            return self.meta["label"].astype(str)
+        if "tumor_pixels" in self.meta:
+            return np.where(self.meta["tumor_pixels"] > 0, "tumour", "no-tumour")
+        raise DataError(f"ImageSet.meta: class labels need a 'label' or 'tumor_pixels' field, "
+                        f"found fields {sorted(self.meta)}")
+
+    def class_indices(self, classes: list[str]) -> np.ndarray:
+        """Each image's index in ``classes`` (model.classes), int64; a DataError names a class
+        of the data that ``classes`` lacks."""
+        names = self.class_names()
+        if unknown := sorted(set(names.tolist()) - set(classes)):
+            raise DataError(f"model.classes {classes} lacks the data's class {unknown[0]!r}")
+        index = {name: i for i, name in enumerate(classes)}
+        return np.array([index[name] for name in names], dtype=np.int64)

@@ -73,19 +73,38 @@ class Run:
             **{f"client_loss/{cid}": c.loss for cid, c in self.clients.items()},
         }
 
-    def sample(self, client_id: str, num_samples: int, seed: int, on_step=None) -> tuple:
+    def sample(self, client_id: str, num_samples: int, seed: int, on_step=None,
+               labels: torch.Tensor | None = None) -> tuple:
         """Split inference for one client; returns (images in [-1, 1], the server's hand-over).
 
         Server and client draw from their own streams for ``seed``; ``on_step(t, x)`` sees every
-        step of both halves (see :func:`collafuse.diffusion.denoise`)."""
-        client = self.clients[client_id]
-        request = client.request_samples(num_samples, seed, self.cfg.sample.sampler,
-                                         self.cfg.sample.steps)
+        step of both halves (see :func:`collafuse.diffusion.denoise`). A conditional run
+        generates the classes ``labels`` (see :meth:`labels_for`), guided at
+        sample.guidance_scale; the request carries them only where the server's model takes
+        them (model.condition = "both")."""
+        client, s = self.clients[client_id], self.cfg.sample
+        request = client.request_samples(num_samples, seed, s.sampler, s.steps, labels,
+                                         s.guidance_scale)
         self._count(client.name, SERVER, request.nbytes, "sampling")
         partial = self.server.generate(request, on_step)
         self._count(SERVER, client.name, partial.nbytes, "sampling")
-        images = client.finish_samples(partial, seed, on_step)
+        images = client.finish_samples(partial, seed, on_step, labels, s.guidance_scale)
         return images.cpu(), partial.x.cpu()
+
+    def labels_for(self, num_samples: int, label: str = "") -> torch.Tensor | None:
+        """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every class
+        of model.classes in equal blocks, in order; None for an unconditional run."""
+        classes = self.cfg.model.classes
+        if self.cfg.model.condition == "none":
+            if label:
+                raise ValueError(f"--label {label!r}: this run's model is unconditional "
+                                 "(model.condition = 'none')")
+            return None
+        if label and label not in classes:
+            raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
+        if label:
+            return torch.full((num_samples,), classes.index(label), dtype=torch.long)
+        return torch.arange(num_samples) * len(classes) // num_samples
 
     def _count(self, sender: str, receiver: str, nbytes: int, phase: str) -> None:
         self.meter.add_bytes(sender, sent=nbytes, phase=phase)
@@ -200,17 +219,24 @@ def truncate_metrics(path: Path, last_round: int) -> None:
 
 
 def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
-                  seed: int | None = None) -> dict[str, Path]:
+                  seed: int | None = None, label: str | None = None) -> dict[str, Path]:
     """Split inference for every client: a PNG grid and an npz per client under samples/, and
-    ``<id>-real-vs-generated.png``: as many of the client's own images (left) beside them."""
+    ``<id>-real-vs-generated.png``: as many of the client's own images (left) beside them.
+    A conditional run generates class ``label`` (default sample.label; "": every class in
+    turn, one block of the grid each)."""
     num_samples = num_samples or run.cfg.sample.num_samples
     seed = run.cfg.sample.seed if seed is None else seed
+    labels = run.labels_for(num_samples, run.cfg.sample.label if label is None else label)
     out = {}
     for cid, client in run.clients.items():
-        images, handover = run.sample(cid, num_samples, seed)
-        out[cid], _ = save_samples(run_dir / "samples", cid, images, handover)
+        images, handover = run.sample(cid, num_samples, seed, labels=labels)
+        names = None if labels is None else np.array(run.cfg.model.classes)[labels.numpy()]
+        out[cid], _ = save_samples(run_dir / "samples", cid, images, handover, names)
         # beside as many of the client's own training images, drawn at random: judge at a glance
         pick = torch.randperm(len(client.images), generator=torch.Generator().manual_seed(seed))
+        if labels is not None:  # as many of each class (labels_for gives ascending blocks)
+            classes, counts = labels.unique(return_counts=True)
+            pick = torch.cat([pick[client.labels[pick] == k][:n] for k, n in zip(classes, counts)])
         real = client.images[pick[:len(images)]]
         if len(real) == len(images):
             save_side_by_side(to_uint8(real), to_uint8(images),
@@ -219,12 +245,15 @@ def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
     return out
 
 
-def save_samples(folder: Path, client_id: str, images, handover) -> tuple[Path, Path]:
-    """A client's finished samples as a PNG grid, and as uint8 in an npz with the hand-over."""
+def save_samples(folder: Path, client_id: str, images, handover,
+                 labels: np.ndarray | None = None) -> tuple[Path, Path]:
+    """A client's finished samples as a PNG grid, and as uint8 in an npz with the hand-over
+    (and each sample's class name, for a conditional run)."""
     pixels = to_uint8(images)
     png, npz = folder / f"{client_id}.png", folder / f"{client_id}.npz"
     save_grid(pixels, png, nrow=int(np.ceil(np.sqrt(len(pixels)))))
-    save_npz(npz, images=pixels, handover=handover.numpy())
+    extra = {} if labels is None else {"labels": labels}
+    save_npz(npz, images=pixels, handover=handover.numpy(), **extra)
     return png, npz
 
 

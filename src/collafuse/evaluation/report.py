@@ -200,6 +200,7 @@ def render(rows: list[dict], out: Path) -> str:
         copying(rows),
         "## Results per cut ratio (mean over clients)",
         summary_table(rows),
+        *per_class_table(rows),
         ("Per client and cut ratio: `results.csv` / `results.json`. The client FLOP share is "
          "client FLOPs / (client FLOPs + server FLOPs / number of clients) in training: the "
          "server trains on equal-sized batches from every client, so that is the part of the "
@@ -255,6 +256,20 @@ def summary_table(rows: list[dict]) -> str:
                  for key, _, fmt in cols]
         lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def per_class_table(rows: list[dict]) -> list[str]:
+    """A conditional run's KID per class and cut ratio (mean over clients); none otherwise."""
+    names = [key.split("/", 1)[1] for key in rows[0] if key.startswith("kid_holdout/")]
+    if not names:
+        return []
+    lines = ["| c | " + " | ".join(f"KID train {n} | KID hold-out {n}" for n in names) + " |",
+             "|---" * (2 * len(names) + 1) + "|"]
+    columns = [by_cut(rows, f"{kind}/{n}") for n in names for kind in ("kid_train", "kid_holdout")]
+    for i, c in enumerate(cut_ratios(rows)):
+        lines.append(f"| {c:g} | " + " | ".join(f"{v[i]:.4f}" for v in columns) + " |")
+    return [f"### Per class (model.condition = {rows[0]['condition']!r}): the samples generated "
+            "for a class against real images of that class", "\n".join(lines)]
 
 
 def handover_sigma(rows: list[dict]) -> np.ndarray:

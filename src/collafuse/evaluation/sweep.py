@@ -135,7 +135,8 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
         meter = CostMeter(energy=ev.energy)
         for party in (run, run.server, client):
             party.meter = meter
-        images, handover = _generate(run, cid, ev.num_samples, cfg.sample.seed + 1000 * i)
+        labels = run.labels_for(ev.num_samples)  # every class in turn, for a conditional run
+        images, handover = _generate(run, cid, ev.num_samples, cfg.sample.seed + 1000 * i, labels)
         real = client.images
         real_feats = _features(_subset(to_uint8(real), ev.max_real_images, cfg.run.seed),
                                cache, progress, device)
@@ -162,6 +163,7 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "client_cut_ratio": run.cfg.cut_ratio(cid),
             "client_cut_index": client.cut,
             "client_preset": run.cfg.preset(cid),
+            "condition": run.cfg.model.condition,
             "num_timesteps": run.cfg.diffusion.num_timesteps,
             "client": cid,
             "train_images": len(real),
@@ -185,6 +187,7 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "server_sampling_energy_kwh": server_sample["energy_kwh"],
             "sampling_bytes": server_sample["bytes_sent"],
             "energy_is_estimate": meter.energy_is_estimate,
+            **_per_class_kid(run, client, images, labels, cache, progress, device, kid_args),
         })
     _save_trajectory(run, run_dir / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
     write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
@@ -256,11 +259,36 @@ def _features(images_uint8: np.ndarray, cache: Path, progress: bool,
     return cached_features(images_uint8, cache, progress=progress, device=device)
 
 
-def _generate(run, client_id: str, num_samples: int, seed: int):
-    """Split inference in chunks (seeds seed, seed + 1, ...): (images, hand-over) in [-1, 1]."""
+def _per_class_kid(run, client, images: torch.Tensor, labels: torch.Tensor | None, cache: Path,
+                   progress: bool, device: str, kid_args: dict) -> dict:
+    """A conditional run's KID per class: the samples generated for class k against the
+    hold-out hospitals' images of class k (``kid_holdout/<k>``) and the client's own
+    (``kid_train/<k>``). Nothing for an unconditional run."""
+    if labels is None:
+        return {}
+    classes, limit, seed = run.cfg.model.classes, run.cfg.evaluation.max_real_images, run.cfg.run.seed
+    holdout_labels = run.holdout.class_indices(classes)
+    out = {}
+    for k, name in enumerate(classes):
+        gen = _features(to_uint8(images[labels == k]), cache, progress, device)
+        real = _features(_subset(to_uint8(client.images[client.labels == k]), limit, seed),
+                         cache, progress, device)
+        held = _features(_subset(run.holdout.images[holdout_labels == k], limit, seed), cache,
+                         progress, device)
+        out[f"kid_train/{name}"] = kid(gen, real, **kid_args)[0]
+        out[f"kid_holdout/{name}"] = kid(gen, held, **kid_args)[0] if len(held) > 1 else None
+    return out
+
+
+def _generate(run, client_id: str, num_samples: int, seed: int,
+              labels: torch.Tensor | None = None):
+    """Split inference in chunks (seeds seed, seed + 1, ...): (images, hand-over) in [-1, 1],
+    of the classes ``labels`` for a conditional run."""
     images, handover = [], []
     for k, start in enumerate(range(0, num_samples, SAMPLE_CHUNK)):
-        x, h = run.sample(client_id, min(SAMPLE_CHUNK, num_samples - start), seed + k)
+        stop = min(num_samples, start + SAMPLE_CHUNK)
+        x, h = run.sample(client_id, stop - start, seed + k,
+                          labels=None if labels is None else labels[start:stop])
         images.append(x)
         handover.append(h)
     return torch.cat(images), torch.cat(handover)
@@ -273,15 +301,16 @@ def trajectory(run, client_id: str, num_steps: int, seed: int) -> tuple[list[int
     the uint8 images (len(marks), H, W[, C]). The same seed gives every cut ratio the same
     starting noise (the server's stream for that seed).
     """
-    total = run.server.num_timesteps
-    marks = sorted({round(float(v)) for v in np.linspace(total, 0, num_steps)}, reverse=True)
     frames = {}
 
     def record(t, x):
-        if t in marks:
-            frames[t] = x.clone()
+        frames[t] = x.clone()
 
     run.sample(client_id, 1, seed, on_step=record)
+    # evenly spaced among the levels the sampler visited (all T + 1, or a sub-schedule's)
+    visited = sorted(frames, reverse=True)
+    marks = sorted({visited[round(i * (len(visited) - 1) / (num_steps - 1))]
+                    for i in range(num_steps)}, reverse=True)
     return marks, to_uint8(torch.cat([frames[m] for m in marks]))
 
 

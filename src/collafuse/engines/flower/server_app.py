@@ -55,7 +55,7 @@ POLL = 0.1  # seconds between pulls of replies (Flower's own send_and_receive sl
 def config_from_text(text: str):
     from ...config import from_dict
 
-    return from_dict(tomllib.loads(text), source="config sent by the server")
+    return on_flower(from_dict(tomllib.loads(text), source="config sent by the server"))
 
 
 def load_run_config(context: Context):
@@ -64,7 +64,17 @@ def load_run_config(context: Context):
     rc = context.run_config
     path = str(rc.get("config", "")) or None
     overrides = shlex.split(str(rc.get("overrides", "")))
-    return load_config(path, overrides)
+    return on_flower(load_config(path, overrides))
+
+
+def on_flower(cfg):
+    """The config, unless it asks for what this engine does not carry: class-conditional
+    models (their labels and guidance are in-process only for now)."""
+    if cfg.model.condition != "none":
+        raise ValueError(f"model.condition = {cfg.model.condition!r}: class-conditional runs "
+                         "are in-process only (collafuse train / sample / sweep); the Flower "
+                         "engine does not carry labels yet")
+    return cfg
 
 
 @dataclass
