@@ -105,7 +105,7 @@ class Client(Party):
         if bool(own.any()):
             with self.meter.measure(self.name, "training"):
                 self._optimise(local_loss(self._eps, self.scheduler, x0[own_rows], t[own],
-                                          eps[own_rows]))
+                                          eps[own_rows], self.loss_weighting))
         self.steps += 1
         return message
 

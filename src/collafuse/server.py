@@ -79,7 +79,7 @@ class Server(Party):
         with self.meter.measure(self.name, "training"):
             return self._optimise(server_loss(self.protocol, self._eps, self.scheduler,
                                               messages, self.generator,
-                                              self.noise_generator))
+                                              self.noise_generator, self.loss_weighting))
 
     def _receive(self, msg: Message) -> Message:
         """The message with its tensors on the server's device (the same message on the CPU)."""
