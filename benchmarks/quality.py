@@ -12,8 +12,8 @@ hold-out hospitals and against the client's own training images; beside it
   or --seconds; or exactly --pooled-steps steps), sampled with the same sampler and scored the
   same way;
 
-and one line: ``quickstart KID / pooled-DDPM KID = X`` (the clients' mean KID against the
-hold-out over the pooled model's). Features of real images and of generated ones are cached
+and one line: ``quickstart KID / pooled-DDPM KID = X``: the KID against the hold-out of all
+clients' samples together over that of as many samples of the pooled model. Features of real images and of generated ones are cached
 under --cache (Inception takes about 0.3-0.5 s per image on a CPU core); results also go to
 <run>/quality.json.
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from collafuse.config import load_config
-from collafuse.data import to_model, to_uint8
+from collafuse.data import to_uint8
 from collafuse.device import enlarge_cpu_kernel_cache
 from collafuse.diffusion import loss_weights, make_scheduler, sample_steps, sampling_plan
 from collafuse.engines.local import load_run, run_training
@@ -219,16 +219,16 @@ def main() -> None:
         say(f"pooled DDPM: {len(union)} images, batch {batch}, "
             + (f"{args.pooled_steps} steps" if args.pooled_steps else f"{seconds:.0f} s"))
         model, steps, took = train_pooled(cfg, union, batch, seconds, args.pooled_steps)
-        say(f"pooled DDPM: {steps} steps in {took:.0f} s; sampling {args.num_samples}")
-        pooled_images = sample_pooled(model, cfg, args.num_samples, args.sampler, args.steps,
-                                      args.seed)
+        n_pooled = args.num_samples * len(run.clients)  # as many as all clients' together
+        say(f"pooled DDPM: {steps} steps in {took:.0f} s; sampling {n_pooled}")
+        pooled_images = sample_pooled(model, cfg, n_pooled, args.sampler, args.steps, args.seed)
         gen = cached_features(to_uint8(pooled_images), cache, progress=True)
         pooled = score("pooled DDPM", gen, holdout, np.concatenate(reals), args.subsets)
         result["pooled"] = {**pooled, "steps": steps, "seconds": took, "budget_seconds": seconds}
-        ratio = mean_split / pooled["kid_holdout"]
+        ratio = split["kid_holdout"] / pooled["kid_holdout"]
         result["ratio"] = ratio
         say(f"quickstart KID / pooled-DDPM KID = {ratio:.2f} "
-            f"({mean_split:.4f} / {pooled['kid_holdout']:.4f})")
+            f"({split['kid_holdout']:.4f} / {pooled['kid_holdout']:.4f})")
     (run_dir / "quality.json").write_text(json.dumps(result, indent=2))
     say(f"written {run_dir / 'quality.json'}")
 
