@@ -111,7 +111,7 @@ def test_labels_reach_the_server_only_when_it_is_conditional(trained):
         for m in batches + requests:
             arrays = encode(m)
             assert m.labels is None and "labels" not in arrays
-            assert json.loads(bytes(arrays["header"]).decode())["labels"] is None
+            assert "labels" not in json.loads(bytes(arrays["header"]).decode())
         assert all(r.guidance_scale == 1.0 for r in requests)
         return
     assert all(m.labels is not None for m in batches)

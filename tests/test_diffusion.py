@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from collafuse.diffusion import (add_noise, client_timesteps, cut_index, denoise,
-                                 handover_view, make_scheduler, renoise_coefficients,
+                                 handover_view, loss_weights, make_scheduler, renoise_coefficients,
                                  server_owns, server_timesteps)
 
 
@@ -108,3 +108,34 @@ def test_renoise_rejects_client_timesteps_and_handles_s_zero():
     torch.testing.assert_close(b, sigma)  # s = 0: the view is x0 itself, plain forward noising
     x0 = torch.rand(2, 1, 2, 2)
     assert torch.equal(handover_view(scheduler, x0, torch.randn(2, 1, 2, 2), 0), x0)
+
+
+def _cosine_abar(T):
+    """abar_t of the cosine schedule written out from Nichol & Dhariwal 2021 (eq. 17, betas
+    capped at 0.999 as diffusers does), independently of the scheduler."""
+    import math
+
+    f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
+    abar, out = 1.0, []
+    for i in range(T):
+        abar *= 1 - min(1 - f[i + 1] / f[i], 0.999)
+        out.append(abar)
+    return out
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_are_min_snr_gamma_over_snr(gamma):
+    T = 100
+    t = torch.arange(T)
+    weights = loss_weights(make_scheduler(T), t, "min-snr", gamma)
+    expected = [min(a / (1 - a), gamma) / (a / (1 - a)) for a in _cosine_abar(T)]
+    assert torch.allclose(weights.double(), torch.tensor(expected, dtype=torch.float64),
+                          rtol=1e-4, atol=0)
+    # the nearly clean levels are weighted down, the noisy ones keep weight 1
+    assert weights[0] < 0.01 and weights[-1] == 1.0 and weights[50] == 1.0
+    assert torch.equal(loss_weights(make_scheduler(T), t), torch.ones(T))
+
+
+def test_unknown_loss_weighting_is_an_error():
+    with pytest.raises(ValueError, match="loss_weighting"):
+        loss_weights(make_scheduler(10), torch.arange(10), "snr")

@@ -1,12 +1,15 @@
 """The Gaussian toy of DESIGN.md section 3: both protocols' loss minimisers are the optimal
 noise predictor, whose closed form is known when x0 ~ N(m, v)."""
 
+import functools
+
 import pytest
 import torch
 
-from collafuse.diffusion import add_noise, handover_view, make_scheduler, renoise_coefficients
+from collafuse.diffusion import (add_noise, handover_view, loss_weights, make_scheduler,
+                                 renoise_coefficients)
 from collafuse.messages import NoisedBatch, NoisyViews
-from collafuse.protocols import server_loss
+from collafuse.protocols import local_loss, server_loss
 
 T, CUT, MEAN, VAR, N = 10, 4, 0.3, 0.2, 100_000
 
@@ -101,3 +104,47 @@ def test_noisy_data_without_the_weighting_misses_the_optimum():
     model = fit(unweighted)
     slope, _ = optimal_eps(scheduler, CUT)
     assert abs(model.alpha[CUT].item() - slope.item()) > 0.1
+
+
+@pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
+def test_min_snr_weighting_keeps_the_optimal_noise_predictor(protocol):
+    """Min-SNR weights each level by a constant: the per-level minimiser is unchanged."""
+    scheduler = make_scheduler(T)
+    g = torch.Generator().manual_seed(0)
+    x0 = draw_x0(g)
+    if protocol == "shared-noise":
+        t = torch.randint(CUT, T, (N,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        msg = NoisedBatch(client_id="toy", x_t=add_noise(scheduler, x0, eps, t), t=t, eps=eps)
+    else:
+        view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
+        msg = NoisyViews(client_id="toy", views=view, cut=CUT)
+    weighting = functools.partial(loss_weights, scheduler, weighting="min-snr", gamma=0.3)
+    assert float(weighting(torch.arange(T))[CUT]) < 0.5  # the weights differ over the levels
+    model = fit(lambda m: server_loss(protocol, m, scheduler, [msg],
+                                      torch.Generator().manual_seed(1), weighting=weighting))
+    for t in range(CUT, T):
+        assert excess_risk(model, scheduler, t) < 1e-3, t
+
+
+def test_weighted_losses_are_the_weighted_mean_of_per_sample_errors():
+    scheduler = make_scheduler(T)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 2, 5, 8, 9])
+    model = PerTimestepLinear()
+    torch.nn.init.normal_(model.alpha, generator=g)
+    weights = torch.tensor([0.1, 0.2, 0.3, 1.0, 2.0, 3.0])
+    def weighting(s):
+        return weights[torch.searchsorted(t, s)]
+
+    x_t = add_noise(scheduler, x0, eps, t)
+    errors = ((model(x_t, t) - eps) ** 2).mean(dim=(1, 2, 3))
+    expected = (weights * errors).mean()
+    assert torch.allclose(local_loss(model, scheduler, x0, t, eps, weighting), expected)
+    msg = NoisedBatch(client_id="toy", x_t=x_t, t=t, eps=eps)
+    assert torch.allclose(server_loss("shared-noise", model, scheduler, [msg], g,
+                                      weighting=weighting), expected)
+    # unweighted: the plain mean, which the weighted one is not here
+    plain = local_loss(model, scheduler, x0, t, eps)
+    assert torch.allclose(plain, errors.mean()) and not torch.allclose(plain, expected)

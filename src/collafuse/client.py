@@ -120,7 +120,8 @@ class Client(Party):
             with self.meter.measure(self.name, "training"):
                 own_labels = None if labels is None else self._drop_labels(labels[own])
                 self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, own_labels),
-                                          self.scheduler, x0[own_rows], t[own], eps[own_rows]))
+                                          self.scheduler, x0[own_rows], t[own], eps[own_rows],
+                                          self.loss_weighting))
         self.steps += 1
         return message
 

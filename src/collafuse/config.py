@@ -89,6 +89,14 @@ class TrainConfig:
     epochs: int = 0  # passes over the largest client's data; 0 = use steps
     batches_per_round: int = 1  # K: batches a client diffuses per message exchange
     ema_decay: float = 0.0  # EMA of the weights used for sampling; 0 = off
+    # the learning rate over the run: "constant", or "cosine" (half a cosine from train.lr down
+    # to 0 at train.steps), after a linear warm-up over lr_warmup_steps batches (0 = none)
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    # per-sample loss weights: "uniform" (Ho et al. 2020) or "min-snr": min(SNR_t, gamma) / SNR_t
+    # (Hang et al. 2023), gamma = min_snr_gamma; see collafuse.diffusion.loss_weights
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
     checkpoint_every: int = 50  # rounds between checkpoints
     # rounds between reads of the losses: each read waits for an accelerator to finish its queue;
     # the metrics log still gets a line per round (written at each read and each checkpoint)
@@ -285,6 +293,14 @@ def _check_values(cfg: Config, source: str) -> None:
         (DEVICE_PATTERN.fullmatch(cfg.run.device) is not None, "run.device",
          "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)"),
+        (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
+         "'constant' or 'cosine'"),
+        (cfg.train.lr_schedule == "constant" or cfg.train.epochs == 0, "train.lr_schedule",
+         "'constant' with train.epochs (a cosine decays over train.steps)"),
+        (cfg.train.lr_warmup_steps >= 0, "train.lr_warmup_steps", "an integer >= 0"),
+        (cfg.train.loss_weighting in ("uniform", "min-snr"), "train.loss_weighting",
+         "'uniform' or 'min-snr'"),
+        (cfg.train.min_snr_gamma > 0, "train.min_snr_gamma", "a positive number"),
         (cfg.train.protocol in ("shared-noise", "noisy-data"), "train.protocol",
          "'shared-noise' or 'noisy-data'"),
         (0.0 <= cfg.data.client_holdout_fraction < 1.0, "data.client_holdout_fraction",

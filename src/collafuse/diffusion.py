@@ -102,6 +102,36 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor,
     return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
 
 
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+
+
+def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """The signal-to-noise ratio abar_t / (1 - abar_t) of the levels t (1-D, float32)."""
+    abar = scheduler.alphas_cumprod[t]
+    return abar / (1.0 - abar)
+
+
+def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, weighting: str = "uniform",
+                 gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights of the eps-prediction loss at the levels t (1-D, on t's device).
+
+    ``uniform``: 1 (Ho et al. 2020's simple loss). ``min-snr``: min(SNR_t, gamma) / SNR_t, the
+    Min-SNR-gamma weighting of Hang et al. 2023 ("Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", eq. 9 written for eps-prediction): the nearly clean levels, whose
+    easy, large-gradient steps otherwise dominate and conflict with the rest, are weighted
+    down to gamma / SNR_t; levels noisier than SNR_t = gamma keep weight 1.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"train.loss_weighting: expected one of {list(LOSS_WEIGHTINGS)}, "
+                         f"got {weighting!r}")
+    if weighting == "uniform":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    if not gamma > 0:
+        raise ValueError(f"train.min_snr_gamma: expected a positive number, got {gamma}")
+    ratio = snr(scheduler, t.cpu())
+    return (ratio.clamp(max=gamma) / ratio).to(t.device)
+
+
 def _abar_before_cut(scheduler: DDPMScheduler, cut: int | torch.Tensor) -> torch.Tensor:
     """abar_{s-1}, the signal level of the hand-over; 1 for s = 0 (the clean image). ``cut``
     may be one s per row (clients with cuts of their own)."""

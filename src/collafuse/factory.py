@@ -6,6 +6,7 @@ seed give the same models whatever carries the messages.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zlib
@@ -18,8 +19,10 @@ from .client import SECRET_BYTES, Client
 from .config import Config
 from .data import ImageSet, load_images, normalise_intensity, partition, split_holdout, to_model
 from .device import resolve_device
-from .diffusion import cut_index, make_scheduler
+from .diffusion import cut_index, loss_weights, make_scheduler
 from .models import make_unet
+from .optim import lr_factor
+from .party import Party
 from .server import Server
 from .state import load_or_create_secret
 
@@ -64,6 +67,23 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
+def with_recipe(party: Party, cfg: Config) -> Party:
+    """The party with the config's lr schedule and loss weighting (train.lr_schedule,
+    lr_warmup_steps, loss_weighting, min_snr_gamma); the defaults leave it as built."""
+    t = cfg.train
+    if t.lr_schedule != "constant" or t.lr_warmup_steps:
+        party.lr_at = functools.partial(_scheduled_lr, t.lr, t.steps, t.lr_schedule,
+                                        t.lr_warmup_steps)
+    if t.loss_weighting != "uniform":
+        party.loss_weighting = functools.partial(loss_weights, party.scheduler,
+                                                 weighting=t.loss_weighting, gamma=t.min_snr_gamma)
+    return party
+
+
+def _scheduled_lr(lr: float, total: int, schedule: str, warmup: int, step: int) -> float:
+    return lr * lr_factor(step, total, schedule, warmup)
+
+
 def make_server(cfg: Config, device: str | None = None) -> Server:
     """The server, on ``device`` (default: ``run.device``)."""
     torch.manual_seed(party_seed(cfg, "server:init"))
@@ -71,12 +91,13 @@ def make_server(cfg: Config, device: str | None = None) -> Server:
     model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels, num_classes)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     T = cfg.diffusion.num_timesteps
-    return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
-                  cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
-                  seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
-                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
-                  cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients},
-                  num_classes=num_classes, label_dropout=cfg.model.label_dropout)
+    server = Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
+                    cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
+                    seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
+                    device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
+                    cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients},
+                    num_classes=num_classes, label_dropout=cfg.model.label_dropout)
+    return with_recipe(server, cfg)
 
 
 def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
@@ -97,14 +118,15 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
     model = make_unet(cfg.preset(client_id), cfg.data.image_size, cfg.data.channels, num_classes)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     labels = torch.from_numpy(images.class_indices(m.classes)) if num_classes else None
-    return Client(client_id, to_model(images.images), model, scheduler,
-                  cut_index(cfg.cut_ratio(client_id), cfg.diffusion.num_timesteps),
-                  cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
-                  seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
-                  ema_decay=cfg.train.ema_decay or None,
-                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
-                  labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
-                  send_labels=m.condition == "both")
+    client = Client(client_id, to_model(images.images), model, scheduler,
+                    cut_index(cfg.cut_ratio(client_id), cfg.diffusion.num_timesteps),
+                    cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
+                    seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
+                    ema_decay=cfg.train.ema_decay or None,
+                    device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
+                    labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
+                    send_labels=m.condition == "both")
+    return with_recipe(client, cfg)
 
 
 def total_rounds(cfg: Config, client_sizes: list[int], batches_per_round: int | None = None) -> int:

@@ -32,8 +32,11 @@ class Message:
 
     @property
     def meta(self) -> dict:
+        """The fields that are not tensors; an optional tensor that is absent (None, as labels
+        of an unconditional run) is left out, so such a message encodes as it did before."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if not isinstance(getattr(self, f.name), torch.Tensor)}
+                if not isinstance(getattr(self, f.name), torch.Tensor)
+                and not (f.default is None and getattr(self, f.name) is None)}
 
     @property
     def batch_size(self) -> int:
@@ -119,7 +122,8 @@ def decode(arrays: dict[str, np.ndarray]) -> Message:
         cls = KINDS[header.pop("kind")]
     except (KeyError, ValueError, TypeError) as err:
         raise MessageError(f"message: unreadable header or unknown kind ({err})") from None
-    tensor_names = [f.name for f in fields(cls) if f.name not in header]
+    tensor_names = [f.name for f in fields(cls) if f.name not in header
+                    and (f.name in arrays or f.default is not None)]  # absent optional: None
     missing = [name for name in tensor_names if name not in arrays]
     if missing:
         raise MessageError(f"{cls.kind}: missing arrays {missing}")

@@ -55,6 +55,11 @@ class Party:
         self.loss: torch.Tensor | None = None
         # measure(party, phase) and add_bytes(...), as evaluation.costs.CostMeter
         self.meter = meter or NullMeter()
+        # the training recipe beyond the optimiser's base lr (set by the factory): lr_at(steps)
+        # gives the lr of the next optimiser step (None: always the base lr), loss_weighting(t)
+        # per-sample loss weights (None: the plain mean)
+        self.lr_at = None
+        self.loss_weighting = None
 
     @property
     def name(self) -> str:
@@ -148,6 +153,9 @@ class Party:
     def _optimise(self, loss: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.lr_at is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.steps)
         self.optimizer.step()
         if self.ema:
             self.ema.update(self.model)

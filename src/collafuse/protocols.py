@@ -9,6 +9,8 @@ is the usual noise predictor of the marginal p_t (Tweedie; Daras et al. 2024).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -17,6 +19,8 @@ from .diffusion import add_noise, renoise_coefficients
 from .messages import Message, NoisedBatch, NoisyViews
 
 PROTOCOLS = ("shared-noise", "noisy-data")
+# per-sample loss weights of the levels t, e.g. diffusion.loss_weights with its settings bound
+Weighting = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_protocol(protocol: str) -> str:
@@ -40,19 +44,20 @@ def server_message(protocol: str, client_id: str, x_t: torch.Tensor, t: torch.Te
 
 def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler,
                 messages: list[Message], generator: torch.Generator,
-                noise_generator: torch.Generator | None = None) -> torch.Tensor:
+                noise_generator: torch.Generator | None = None,
+                weighting: Weighting | None = None) -> torch.Tensor:
     """The server's loss on the union of the clients' messages of one batch index.
 
     ``model_eps(x_t, t)`` is the shared model's noise prediction. noisy-data draws t from
     ``generator`` (on the host) uniformly over each view's server range [s_i, T), s_i the cut
     its client made it for, and eta from ``noise_generator`` (default: the same one), on the
-    views' device.
+    views' device. ``weighting(t)`` gives per-sample loss weights (None: the plain mean).
     """
     if protocol == "shared-noise":
         x_t = torch.cat([m.x_t for m in messages])
         t = torch.cat([m.t for m in messages])
         eps = torch.cat([m.eps for m in messages])
-        return F.mse_loss(model_eps(x_t, t), eps)
+        return _mse(model_eps(x_t, t), eps, t, weighting)
     y = torch.cat([m.views for m in messages])
     num_timesteps = scheduler.config.num_train_timesteps
     cuts = {m.cut for m in messages}
@@ -67,10 +72,21 @@ def server_loss(protocol: str, model_eps, scheduler: DDPMScheduler,
     a, b, sigma = (c.view(-1, 1, 1, 1).to(y.device, non_blocking=True)
                    for c in renoise_coefficients(scheduler, t, cut))
     x_t = a * y + b * eta
-    return F.mse_loss((b / sigma) * model_eps(x_t, t), eta)
+    return _mse((b / sigma) * model_eps(x_t, t), eta, t, weighting)
 
 
 def local_loss(model_eps, scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor,
-               eps: torch.Tensor) -> torch.Tensor:
-    """The standard DDPM loss ||eps_hat(x_t, t) - eps||^2 (Ho et al. 2020, eq. 14)."""
-    return F.mse_loss(model_eps(add_noise(scheduler, x0, eps, t), t), eps)
+               eps: torch.Tensor, weighting: Weighting | None = None) -> torch.Tensor:
+    """The standard DDPM loss ||eps_hat(x_t, t) - eps||^2 (Ho et al. 2020, eq. 14), each
+    sample weighted by ``weighting(t)`` where given."""
+    return _mse(model_eps(add_noise(scheduler, x0, eps, t), t), eps, t, weighting)
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+         weighting: Weighting | None) -> torch.Tensor:
+    """The mean squared error; with ``weighting``, the mean over samples of each sample's
+    weight times its own mean squared error (without, exactly F.mse_loss as always)."""
+    if weighting is None:
+        return F.mse_loss(prediction, target)
+    per_sample = (prediction - target).pow(2).flatten(1).mean(1)
+    return (weighting(t).to(per_sample.device, per_sample.dtype) * per_sample).mean()

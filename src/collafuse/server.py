@@ -84,7 +84,7 @@ class Server(Party):
             return self._optimise(server_loss(self.protocol,
                                               lambda x_t, t: self._eps(x_t, t, labels),
                                               self.scheduler, messages, self.generator,
-                                              self.noise_generator))
+                                              self.noise_generator, self.loss_weighting))
 
     def _training_labels(self, messages: list[Message]) -> torch.Tensor:
         """The messages' labels in server_loss's row order, after label dropout; the rows of a
