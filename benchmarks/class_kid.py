@@ -1,0 +1,68 @@
+"""Does a conditional run generate the class it is asked for? KID of each class's samples
+against the hold-out hospitals' real images of every class.
+
+    python benchmarks/class_kid.py RUN_DIR [-n 100] [--client DU]
+
+Prints one matrix per client: rows the class asked for, columns the real class compared with,
+and, for scale, rows of the client's own real images of each class. Conditioning works where
+each row's own class is the lower (nearer) one; an unconditional model, or a label that is
+ignored, gives rows that are alike. Samples are drawn with the run's
+sample.sampler, sample.steps and sample.guidance_scale (--guidance-scale to override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from collafuse.data import to_uint8
+from collafuse.engines.local import load_run
+from collafuse.evaluation.kid import cached_features, kid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("-n", "--num-samples", type=int, default=100, help="per class and client")
+    parser.add_argument("--client", action="append", help="default: every client")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--cache", default="runs/kid-cache")
+    args = parser.parse_args()
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
+
+    run = load_run(args.run_dir, device="cpu")
+    cfg = run.cfg
+    if cfg.model.condition == "none":
+        raise SystemExit(f"{args.run_dir}: an unconditional run (model.condition = 'none')")
+    if args.guidance_scale is not None:
+        cfg.sample.guidance_scale = args.guidance_scale
+    classes = cfg.model.classes
+    holdout = run.holdout.class_indices(classes)
+    real = [cached_features(run.holdout.images[holdout == k], args.cache)
+            for k in range(len(classes))]
+    print(f"{args.run_dir}: model.condition = {cfg.model.condition!r}, c = "
+          f"{cfg.diffusion.cut_ratio}, guidance {cfg.sample.guidance_scale}, "
+          f"{args.num_samples} samples per class; hold-out images per class: "
+          f"{', '.join(f'{n} {int((holdout == k).sum())}' for k, n in enumerate(classes))}")
+    for cid in args.client or list(run.clients):
+        print(f"\nclient {cid}: KID of the samples asked for (row) against real (column)")
+        print("| asked for | " + " | ".join(f"real {n}" for n in classes) + " |")
+        print("|---" * (len(classes) + 1) + "|")
+        for k, name in enumerate(classes):
+            images, _ = run.sample(cid, args.num_samples, seed=k,
+                                   labels=run.labels_for(args.num_samples, name))
+            gen = cached_features(to_uint8(images), args.cache)
+            cells = [f"{kid(gen, r, num_subsets=100, subset_size=1000, seed=0)[0]:.4f}"
+                     for r in real]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        client = run.clients[cid]
+        for k, name in enumerate(classes):  # the scale: the client's own real images
+            own = cached_features(to_uint8(client.images[client.labels == k]), args.cache)
+            cells = [f"{kid(own, r, num_subsets=100, subset_size=1000, seed=0)[0]:.4f}"
+                     for r in real]
+            print(f"| (real {name} of {cid}) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
