@@ -73,7 +73,7 @@ class ModelConfig:
     condition: str = "none"
     # the class names, in the order of the model's class indices (public: every party reads
     # the config); an image's class is its data's "label" (an image folder's class), or, for
-    # LGG data, "tumour" / "no-tumour" from its tumour mask (collafuse.data.class_names)
+    # LGG data, "tumour" / "no-tumour" from its tumour mask (collafuse.data.ImageSet.class_names)
     classes: list[str] = field(default_factory=list)
     # the fraction of training labels replaced by "no label", so that the model also learns
     # the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)
