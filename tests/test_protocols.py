@@ -53,18 +53,22 @@ def draw_x0(g):
     return MEAN + VAR ** 0.5 * torch.randn(N, 1, 1, 1, generator=g)
 
 
-@pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
-def test_both_protocols_fit_the_optimal_noise_predictor(protocol):
-    scheduler = make_scheduler(T)
+def toy_message(protocol, scheduler):
+    """One message of N toy images, as a client of ``protocol`` sends it at the cut CUT."""
     g = torch.Generator().manual_seed(0)
     x0 = draw_x0(g)
     if protocol == "shared-noise":
         t = torch.randint(CUT, T, (N,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        msg = NoisedBatch(client_id="toy", x_t=add_noise(scheduler, x0, eps, t), t=t, eps=eps)
-    else:
-        view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
-        msg = NoisyViews(client_id="toy", views=view, cut=CUT)
+        return NoisedBatch(client_id="toy", x_t=add_noise(scheduler, x0, eps, t), t=t, eps=eps)
+    view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
+    return NoisyViews(client_id="toy", views=view, cut=CUT)
+
+
+@pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
+def test_both_protocols_fit_the_optimal_noise_predictor(protocol):
+    scheduler = make_scheduler(T)
+    msg = toy_message(protocol, scheduler)
     # a fixed generator per call keeps the server's own draws (t, eta) the same in every
     # evaluation, so the loss is one fixed quadratic
     model = fit(lambda m: server_loss(protocol, m, scheduler, [msg],
@@ -110,15 +114,7 @@ def test_noisy_data_without_the_weighting_misses_the_optimum():
 def test_min_snr_weighting_keeps_the_optimal_noise_predictor(protocol):
     """Min-SNR weights each level by a constant: the per-level minimiser is unchanged."""
     scheduler = make_scheduler(T)
-    g = torch.Generator().manual_seed(0)
-    x0 = draw_x0(g)
-    if protocol == "shared-noise":
-        t = torch.randint(CUT, T, (N,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        msg = NoisedBatch(client_id="toy", x_t=add_noise(scheduler, x0, eps, t), t=t, eps=eps)
-    else:
-        view = handover_view(scheduler, x0, torch.randn(x0.shape, generator=g), CUT)
-        msg = NoisyViews(client_id="toy", views=view, cut=CUT)
+    msg = toy_message(protocol, scheduler)
     weighting = functools.partial(loss_weights, scheduler, weighting="min-snr", gamma=0.3)
     assert float(weighting(torch.arange(T))[CUT]) < 0.5  # the weights differ over the levels
     model = fit(lambda m: server_loss(protocol, m, scheduler, [msg],

@@ -134,9 +134,8 @@ class Client(Party):
         if num_samples < 1:
             raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples}")
         self.check_labels(labels, num_samples, f"client {self.client_id}'s sample labels")
-        if not self.send_labels:
-            return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed,
-                                 sampler=sampler, steps=steps)
+        if not self.send_labels:  # client-only conditioning: the server hears of no class
+            labels, guidance_scale = None, 1.0
         return SampleRequest(client_id=self.client_id, num_samples=num_samples, seed=seed,
                              sampler=sampler, steps=steps, labels=labels,
                              guidance_scale=guidance_scale)
