@@ -21,8 +21,8 @@ under --cache (Inception takes about 0.3-0.5 s per image on a CPU core); results
     python benchmarks/quality.py --config configs/quickstart.toml --out runs/q   # train first
     python benchmarks/quality.py runs/q -n 100 --no-pooled              # quick recipe checks
 
-The default sampler is the 10-call ddpm sub-schedule (README's sampling table: the same KID
-as all 100 steps, at a tenth of the cost).
+The default sampler is the run's own (sample.sampler, sample.steps); --sampler and --steps
+score the same weights with another.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import torch
 from collafuse.config import load_config
 from collafuse.data import to_uint8
 from collafuse.device import enlarge_cpu_kernel_cache
-from collafuse.diffusion import loss_weights, make_scheduler, sample_steps, sampling_plan
+from collafuse.diffusion import (eps_from_output, loss_weights, make_scheduler, sample_steps,
+                                 sampling_plan)
 from collafuse.engines.local import load_run, run_training
 from collafuse.evaluation.kid import cached_features, kid, kid_bootstrap_interval
 from collafuse.metering import SERVER, client_party, totals
@@ -72,7 +73,8 @@ def train_pooled(cfg, images: torch.Tensor, batch_size: int, seconds: float | No
                  steps: int | None, seed: int = 0):
     """The textbook DDPM loop (Ho et al. 2020, Algorithm 1) on one model and all the images,
     with the run's recipe: Adam at train.lr under train.lr_schedule and lr_warmup_steps, the
-    loss weighted by train.loss_weighting, an EMA of train.ema_decay for sampling.
+    model's output read as model.prediction says, the loss weighted by train.loss_weighting,
+    an EMA of train.ema_decay for sampling.
 
     Trains ``steps`` steps, or as many as fit into ``seconds`` (the step count, which a cosine
     decay needs in advance, is fixed from the pace of the first 10 steps). Returns
@@ -84,10 +86,12 @@ def train_pooled(cfg, images: torch.Tensor, batch_size: int, seconds: float | No
     scheduler = make_scheduler(T)
     optimizer = torch.optim.Adam(model.parameters(), lr=t_cfg.lr)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay else None
-    weighting = None if t_cfg.loss_weighting == "uniform" else (
-        lambda t: loss_weights(scheduler, t, t_cfg.loss_weighting, t_cfg.min_snr_gamma))
+    prediction = cfg.model.prediction
+    weighting = None if (t_cfg.loss_weighting, prediction) == ("uniform", "epsilon") else (
+        lambda t: loss_weights(scheduler, t, t_cfg.loss_weighting, t_cfg.min_snr_gamma,
+                               prediction))
     g = torch.Generator().manual_seed(seed)
-    eps_of = lambda x, t: predict_noise(model, x, t)  # noqa: E731
+    eps_of = eps_reader(model, scheduler, prediction)
     start, step, horizon = time.perf_counter(), 0, steps or 10**9
     while step < horizon:
         for group in optimizer.param_groups:
@@ -111,6 +115,11 @@ def train_pooled(cfg, images: torch.Tensor, batch_size: int, seconds: float | No
     return (ema.model if ema else model), step, time.perf_counter() - start
 
 
+def eps_reader(model, scheduler, prediction: str):
+    """eps_hat(x_t, t) of a model that outputs model.prediction."""
+    return lambda x, t: eps_from_output(scheduler, predict_noise(model, x, t), x, t, prediction)
+
+
 @torch.no_grad()
 def sample_pooled(model, cfg, n: int, sampler: str, steps: int, seed: int) -> torch.Tensor:
     """n samples of the pooled model with the run's sampler over all T levels."""
@@ -122,8 +131,8 @@ def sample_pooled(model, cfg, n: int, sampler: str, steps: int, seed: int) -> to
         g = torch.Generator().manual_seed(seed + k)
         x = torch.randn((min(CHUNK, n - start), cfg.data.channels, cfg.data.image_size,
                          cfg.data.image_size), generator=g)
-        out.append(sample_steps(lambda x, t: predict_noise(model, x, t), scheduler, x,
-                                timesteps, -1, sampler, g))
+        out.append(sample_steps(eps_reader(model, scheduler, cfg.model.prediction), scheduler,
+                                x, timesteps, -1, sampler, g))
     return torch.cat(out)
 
 
@@ -149,8 +158,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for --config (repeatable)")
     parser.add_argument("-n", "--num-samples", type=int, default=300, help="samples per client")
-    parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    parser.add_argument("--steps", type=int, default=10, help="model calls per sample (0: all T)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's")
+    parser.add_argument("--steps", type=int,
+                        help="model calls per sample (0: all T; default: the run's sample.steps)")
     parser.add_argument("--weights", default="ema", choices=["ema", "raw"],
                         help="sample with the EMA weights (where kept) or the raw ones")
     parser.add_argument("--max-real", type=int, default=500, help="real images per set (0: all)")
@@ -178,6 +188,8 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     run = load_run(run_dir, device="cpu")
     cfg = run.cfg
+    args.sampler = args.sampler or cfg.sample.sampler
+    args.steps = cfg.sample.steps if args.steps is None else args.steps
     cfg.sample.sampler, cfg.sample.steps = args.sampler, args.steps
     if args.weights == "raw":
         for party in [run.server, *run.clients.values()]:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from collafuse.cli import main
+from collafuse import config, models
 from collafuse.config import ConfigError, load_config
 
 from conftest import REPO, tiny_overrides
@@ -18,12 +19,15 @@ def test_shipped_configs_load(name):
         pytest.skip(f"configs/{name} not in this checkout")
     cfg = load_config(REPO / "configs" / name)
     assert load_config(None, []).to_dict().keys() == cfg.to_dict().keys()
+    assert cfg.model.preset in models.PRESETS
+    assert set(config.PRESETS) == set(models.PRESETS)  # the config's own list of names
 
 
 def test_paper_config_has_the_papers_settings():
     cfg = load_config(REPO / "configs/paper.toml")
     assert (cfg.data.image_size, cfg.diffusion.num_timesteps, cfg.train.batch_size,
             cfg.train.lr, cfg.train.epochs) == (128, 100, 150, 1e-3, 300)
+    assert cfg.model.prediction == "epsilon" and cfg.model.preset == "paper"
     assert cfg.sweep.cut_ratios == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert len(cfg.data.clients) == 3
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from collafuse.diffusion import (add_noise, client_timesteps, cut_index, denoise,
-                                 handover_view, loss_weights, make_scheduler, renoise_coefficients,
-                                 server_owns, server_timesteps)
+                                 eps_from_output, handover_view, loss_weights, make_scheduler,
+                                 renoise_coefficients, server_owns, server_timesteps)
 
 
 @pytest.mark.parametrize("c, T, s", [
@@ -134,6 +134,33 @@ def test_min_snr_weights_are_min_snr_gamma_over_snr(gamma):
     # the nearly clean levels are weighted down, the noisy ones keep weight 1
     assert weights[0] < 0.01 and weights[-1] == 1.0 and weights[50] == 1.0
     assert torch.equal(loss_weights(make_scheduler(T), t), torch.ones(T))
+
+
+def test_v_prediction_gives_eps_and_its_loss_is_the_v_mse():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), written out here: the exact v
+    gives back the exact eps at every level, the last included (abar_99 = 2.4e-7), and the
+    uniform v weights turn the eps-space error into the MSE of v."""
+    T = 100
+    scheduler = make_scheduler(T)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 1, 30, 60, 90, 98, 99, 99])
+    x0 = torch.rand(len(t), 1, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    abar = torch.tensor(_cosine_abar(T), dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    x_t = add_noise(scheduler, x0, eps, t)
+    assert torch.allclose(eps_from_output(scheduler, v, x_t, t, "v"), eps, atol=1e-5)
+    assert torch.equal(eps_from_output(scheduler, v, x_t, t), v)  # epsilon: the output itself
+    v_hat = v + 0.1 * torch.randn(v.shape, generator=g)
+    eps_error = (eps_from_output(scheduler, v_hat, x_t, t, "v") - eps).pow(2).flatten(1).mean(1)
+    weights = loss_weights(scheduler, t, prediction="v")
+    # rtol 1e-2: at t = 99 eps_hat - eps is 5e-4 times v's error, so float32 keeps 3 digits
+    assert torch.allclose(weights * eps_error, (v_hat - v).pow(2).flatten(1).mean(1), rtol=1e-2)
+    # Min-SNR means the same eps-space weights for both predictions
+    assert torch.equal(loss_weights(scheduler, t, "min-snr", prediction="v"),
+                       loss_weights(scheduler, t, "min-snr"))
+    with pytest.raises(ValueError, match="model.prediction"):
+        eps_from_output(scheduler, v, x_t, t, "x0")
 
 
 def test_unknown_loss_weighting_is_an_error():

@@ -6,8 +6,8 @@ import functools
 import pytest
 import torch
 
-from collafuse.diffusion import (add_noise, handover_view, loss_weights, make_scheduler,
-                                 renoise_coefficients)
+from collafuse.diffusion import (add_noise, eps_from_output, handover_view, loss_weights,
+                                 make_scheduler, renoise_coefficients)
 from collafuse.messages import NoisedBatch, NoisyViews
 from collafuse.protocols import local_loss, server_loss
 
@@ -121,6 +121,26 @@ def test_min_snr_weighting_keeps_the_optimal_noise_predictor(protocol):
                                       torch.Generator().manual_seed(1), weighting=weighting))
     for t in range(CUT, T):
         assert excess_risk(model, scheduler, t) < 1e-3, t
+
+
+@pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
+def test_v_prediction_fits_the_optimal_noise_predictor(protocol):
+    """A model that outputs v, read as eps_hat = sqrt(abar) v_hat + sqrt(1 - abar) x_t and
+    trained with the v loss weights, is the same optimal noise predictor."""
+    scheduler = make_scheduler(T)
+    msg = toy_message(protocol, scheduler)
+    weighting = functools.partial(loss_weights, scheduler, prediction="v")
+    model = fit(lambda m: server_loss(
+        protocol, lambda x, t: eps_from_output(scheduler, m(x, t), x, t, "v"), scheduler, [msg],
+        torch.Generator().manual_seed(1), weighting=weighting))
+    implied = PerTimestepLinear()  # eps_hat = (a alpha + b) x_t + a beta
+    abar = scheduler.alphas_cumprod
+    with torch.no_grad():
+        implied.alpha.copy_(abar.sqrt() * model.alpha + (1 - abar).sqrt())
+        implied.beta.copy_(abar.sqrt() * model.beta)
+    for t in range(CUT, T):
+        assert excess_risk(implied, scheduler, t) < 1e-3, t
+    assert excess_risk(model, scheduler, T - 1) > 0.5  # read as eps, the v-model is far off
 
 
 def test_weighted_losses_are_the_weighted_mean_of_per_sample_errors():

@@ -1,4 +1,5 @@
-"""The training recipe's options: lr warm-up and cosine decay, Min-SNR loss weighting."""
+"""The training recipe's options: lr warm-up and cosine decay, Min-SNR loss weighting,
+v-prediction."""
 
 import math
 
@@ -52,11 +53,25 @@ def test_defaults_keep_the_constant_lr_and_plain_loss(tiny_config):
     run = Run(tiny_config())
     for party in [run.server, *run.clients.values()]:
         assert party.lr_at is None and party.loss_weighting is None
+        assert party.prediction == "epsilon"
+
+
+def test_v_prediction_reaches_every_party(tiny_config):
+    """model.prediction = "v": every party reads its model's output as v and weights its loss
+    as the MSE of v (1 / abar_t in eps space)."""
+    run = Run(tiny_config(**{"model.prediction": '"v"'}))
+    t = torch.arange(run.server.num_timesteps)
+    for party in [run.server, *run.clients.values()]:
+        assert party.prediction == "v"
+        assert torch.allclose(party.loss_weighting(t), 1 / party.scheduler.alphas_cumprod)
+    run.train_round()
+    assert all(torch.isfinite(torch.tensor(p.last_loss)) for p in [run.server, *run.clients.values()])
 
 
 def test_resume_with_the_recipe_equals_uninterrupted(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.lr_schedule": '"cosine"', "train.lr_warmup_steps": 2,
-                         "train.loss_weighting": '"min-snr"', "train.ema_decay": 0.9})
+                         "train.loss_weighting": '"min-snr"', "train.ema_decay": 0.9,
+                         "model.prediction": '"v"'})
     run_training(cfg, tmp_path / "cut", stop_after_round=3, progress=False)
     secrets = {cid: (tmp_path / "cut" / SECRETS / f"{cid}.key").read_bytes()
                for cid in ("DU", "HT")}
@@ -74,7 +89,7 @@ def test_resume_with_the_recipe_equals_uninterrupted(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("key, value", [
     ("train.lr_schedule", '"linear"'), ("train.lr_warmup_steps", -1),
-    ("train.loss_weighting", '"snr"'), ("train.min_snr_gamma", 0)])
+    ("train.loss_weighting", '"snr"'), ("train.min_snr_gamma", 0), ("model.prediction", '"x0"')])
 def test_bad_recipe_values_are_one_line_errors(tiny_config, key, value):
     with pytest.raises(ConfigError, match=key):
         tiny_config(**{key: value})

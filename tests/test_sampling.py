@@ -34,19 +34,33 @@ class GaussianEps(torch.nn.Module):
         return types.SimpleNamespace(sample=b * (x - a * MEAN) / (a * a * VAR + b * b))
 
 
-def split_parties(cut_ratio):
+class GaussianV(GaussianEps):
+    """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 predictor of the same data:
+    a_t E[eps | x_t] - b_t E[x0 | x_t], with E[x0 | x_t] = m + a_t v (x_t - a_t m) / (a_t^2 v + b_t^2)."""
+
+    def forward(self, x, t):
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        eps = b * (x - a * MEAN) / (a * a * VAR + b * b)
+        x0 = MEAN + a * VAR * (x - a * MEAN) / (a * a * VAR + b * b)
+        return types.SimpleNamespace(sample=a * eps - b * x0)
+
+
+def split_parties(cut_ratio, prediction="epsilon"):
     scheduler = make_scheduler(T)
     cut = cut_index(cut_ratio, T)
     images = torch.zeros(2, *SHAPE)  # unused: nothing is trained here
-    client = Client("A", images, GaussianEps(scheduler), scheduler, cut, "shared-noise", 2, 1e-3,
+    model = GaussianV if prediction == "v" else GaussianEps
+    client = Client("A", images, model(scheduler), scheduler, cut, "shared-noise", 2, 1e-3,
                     seed=11, secret=bytes(32))
-    server = Server(GaussianEps(scheduler), scheduler, cut, "shared-noise", SHAPE, 1e-3, seed=12)
+    server = Server(model(scheduler), scheduler, cut, "shared-noise", SHAPE, 1e-3, seed=12)
+    client.prediction = server.prediction = prediction
     return server, client
 
 
-def split_sample(cut_ratio, seed=0):
+def split_sample(cut_ratio, seed=0, prediction="epsilon"):
     """Samples, the server's x_T and the client's first-step noise z (None when s = 0)."""
-    server, client = split_parties(cut_ratio)
+    server, client = split_parties(cut_ratio, prediction)
     seen = {}
 
     def record(t, x):
@@ -101,6 +115,14 @@ def test_split_sampler_gives_the_data_law(cut_ratio):
     assert abs(mean - chain_mean) < 0.005 and abs(var / chain_var - 1) < 0.02, (mean, var)
     # ... and so lie within the stated tolerance of the data's own mean and variance.
     assert abs(mean - MEAN) < 0.01 and abs(var / VAR - 1) < 0.12, (mean, var)
+
+
+def test_v_prediction_parties_sample_the_same_law():
+    """Parties whose models output v (model.prediction = "v") run the same chain."""
+    out, _, _ = split_sample(0.4, prediction="v")
+    chain_mean, chain_var = chain_law()
+    assert abs(out.mean().item() - chain_mean) < 0.005, out.mean()
+    assert abs(out.var().item() / chain_var - 1) < 0.02, out.var()
 
 
 @pytest.mark.parametrize("cut_ratio", [0.4, 1.0])

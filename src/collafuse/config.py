@@ -66,7 +66,7 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "small"  # "tiny" (tests), "small" (CPU), "paper" (128x128, GPU)
+    preset: str = "small"  # "tiny" (tests), "small", "narrow" (CPU), "paper" (128x128, GPU)
     # class-conditional generation: "none"; "both" (client and server models take the label,
     # and the clients send it with every server-owned image); "client" (only the clients'
     # models take it: the server stays unconditional and never sees a label)
@@ -78,6 +78,9 @@ class ModelConfig:
     # the fraction of training labels replaced by "no label", so that the model also learns
     # the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)
     label_dropout: float = 0.1
+    # what every model predicts: "epsilon" (the noise; the paper's) or "v" (Salimans & Ho 2022),
+    # which keeps x0_hat bounded at the noisiest levels (collafuse.diffusion.eps_from_output)
+    prediction: str = "epsilon"
 
 
 @dataclass
@@ -133,7 +136,7 @@ class EvaluationConfig:
     trajectory_steps: int = 6  # Figure 2: images recorded along one sample's denoising
 
 
-PRESETS = ("tiny", "small", "paper")  # collafuse.models.make_unet's presets
+PRESETS = ("tiny", "small", "narrow", "paper")  # collafuse.models.make_unet's presets
 CONDITIONS = ("none", "both", "client")  # model.condition: where the class label goes
 
 
@@ -321,6 +324,7 @@ def _check_values(cfg: Config, source: str) -> None:
             set(cfg.model.classes)) == len(cfg.model.classes)), "model.classes",
          "two or more distinct class names when model.condition is not 'none'"),
         (0.0 <= cfg.model.label_dropout < 1.0, "model.label_dropout", "a number in [0, 1)"),
+        (cfg.model.prediction in ("epsilon", "v"), "model.prediction", "'epsilon' or 'v'"),
         (cfg.sample.label == "" or cfg.sample.label in cfg.model.classes, "sample.label",
          "'' or one of model.classes"),
         (0.0 <= cfg.sample.guidance_scale <= 100.0, "sample.guidance_scale",

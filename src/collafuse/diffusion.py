@@ -103,6 +103,27 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor,
 
 
 LOSS_WEIGHTINGS = ("uniform", "min-snr")
+PREDICTIONS = ("epsilon", "v")
+
+
+def eps_from_output(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor,
+                    t: torch.Tensor, prediction: str = "epsilon") -> torch.Tensor:
+    """eps_hat from a model's output: the output itself for ``epsilon``; for ``v`` (Salimans &
+    Ho 2022, section 4) the model predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, and
+    eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t.
+
+    Why v: at the noisiest levels abar_t -> 0 (cosine schedule: abar_99 = 2.4e-7 at T = 100),
+    x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) multiplies an eps-model's error
+    by up to 2000, and the clip of x0_hat to [-1, 1] turns that into a bias towards grey; a
+    v-model's x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_hat stays bounded there.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"model.prediction: expected one of {list(PREDICTIONS)}, "
+                         f"got {prediction!r}")
+    if prediction == "epsilon":
+        return output
+    abar = _per_sample(scheduler.alphas_cumprod, t, output)
+    return abar.sqrt() * output + (1.0 - abar).sqrt() * x_t
 
 
 def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
@@ -112,20 +133,30 @@ def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
 
 
 def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, weighting: str = "uniform",
-                 gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample weights of the eps-prediction loss at the levels t (1-D, on t's device).
+                 gamma: float = 5.0, prediction: str = "epsilon") -> torch.Tensor:
+    """Per-sample weights of the loss on eps_hat at the levels t (1-D, on t's device); every
+    party's loss is written on eps_hat, whatever its model outputs (:func:`eps_from_output`).
 
-    ``uniform``: 1 (Ho et al. 2020's simple loss). ``min-snr``: min(SNR_t, gamma) / SNR_t, the
+    ``uniform``: the plain MSE of what the model predicts: 1 for ``epsilon`` (Ho et al.
+    2020's simple loss); 1 / abar_t for ``v``, since eps_hat - eps = sqrt(abar_t) (v_hat - v)
+    makes ||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t. ``min-snr``: min(SNR_t, gamma) / SNR_t, the
     Min-SNR-gamma weighting of Hang et al. 2023 ("Efficient Diffusion Training via Min-SNR
     Weighting Strategy", eq. 9 written for eps-prediction): the nearly clean levels, whose
     easy, large-gradient steps otherwise dominate and conflict with the rest, are weighted
-    down to gamma / SNR_t; levels noisier than SNR_t = gamma keep weight 1.
+    down to gamma / SNR_t; levels noisier than SNR_t = gamma keep weight 1. The same weights
+    serve ``v``: the paper's v form min(SNR_t, gamma) / (SNR_t + 1) on ||v_hat - v||^2 is
+    this one on ||eps_hat - eps||^2.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"train.loss_weighting: expected one of {list(LOSS_WEIGHTINGS)}, "
                          f"got {weighting!r}")
-    if weighting == "uniform":
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"model.prediction: expected one of {list(PREDICTIONS)}, "
+                         f"got {prediction!r}")
+    if weighting == "uniform" and prediction == "epsilon":
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    if weighting == "uniform":
+        return (1.0 / scheduler.alphas_cumprod[t.cpu()]).to(t.device)
     if not gamma > 0:
         raise ValueError(f"train.min_snr_gamma: expected a positive number, got {gamma}")
     ratio = snr(scheduler, t.cpu())

@@ -68,15 +68,18 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
 
 
 def with_recipe(party: Party, cfg: Config) -> Party:
-    """The party with the config's lr schedule and loss weighting (train.lr_schedule,
-    lr_warmup_steps, loss_weighting, min_snr_gamma); the defaults leave it as built."""
+    """The party with the config's lr schedule, loss weighting and prediction (train.lr_schedule,
+    lr_warmup_steps, loss_weighting, min_snr_gamma, model.prediction); the defaults leave it
+    as built."""
     t = cfg.train
     if t.lr_schedule != "constant" or t.lr_warmup_steps:
         party.lr_at = functools.partial(_scheduled_lr, t.lr, t.steps, t.lr_schedule,
                                         t.lr_warmup_steps)
-    if t.loss_weighting != "uniform":
+    party.prediction = cfg.model.prediction
+    if t.loss_weighting != "uniform" or cfg.model.prediction != "epsilon":
         party.loss_weighting = functools.partial(loss_weights, party.scheduler,
-                                                 weighting=t.loss_weighting, gamma=t.min_snr_gamma)
+                                                 weighting=t.loss_weighting, gamma=t.min_snr_gamma,
+                                                 prediction=cfg.model.prediction)
     return party
 
 

@@ -18,7 +18,7 @@ import hashlib
 import torch
 
 from .device import Placement
-from .diffusion import guided_noise
+from .diffusion import eps_from_output, guided_noise
 from .messages import MessageError, on_host
 from .metering import NullMeter
 from .models import EMA, predict_noise
@@ -60,6 +60,9 @@ class Party:
         # per-sample loss weights (None: the plain mean)
         self.lr_at = None
         self.loss_weighting = None
+        # what the model outputs, eps or v (collafuse.diffusion.eps_from_output); set by the
+        # factory with the recipe
+        self.prediction = "epsilon"
 
     @property
     def name(self) -> str:
@@ -99,8 +102,9 @@ class Party:
         if labels is not None:
             labels = self.place.put(labels)
         with self.place.autocast():
-            eps = predict_noise(net, self.place.model_input(x_t), self.place.put(t), labels)
-        return eps.float().to(x_t.device)
+            out = predict_noise(net, self.place.model_input(x_t), self.place.put(t), labels)
+        return eps_from_output(self.scheduler, out.float().to(x_t.device), x_t, t,
+                               self.prediction)
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor,
              labels: torch.Tensor | None = None) -> torch.Tensor:
