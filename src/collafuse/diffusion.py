@@ -117,13 +117,17 @@ def eps_from_output(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.T
     by up to 2000, and the clip of x0_hat to [-1, 1] turns that into a bias towards grey; a
     v-model's x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_hat stays bounded there.
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"model.prediction: expected one of {list(PREDICTIONS)}, "
-                         f"got {prediction!r}")
+    _check_prediction(prediction)
     if prediction == "epsilon":
         return output
     abar = _per_sample(scheduler.alphas_cumprod, t, output)
     return abar.sqrt() * output + (1.0 - abar).sqrt() * x_t
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"model.prediction: expected one of {list(PREDICTIONS)}, "
+                         f"got {prediction!r}")
 
 
 def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
@@ -139,9 +143,9 @@ def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, weighting: str = "un
 
     ``uniform``: the plain MSE of what the model predicts: 1 for ``epsilon`` (Ho et al.
     2020's simple loss); 1 / abar_t for ``v``, since eps_hat - eps = sqrt(abar_t) (v_hat - v)
-    makes ||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t. ``min-snr``: min(SNR_t, gamma) / SNR_t, the
-    Min-SNR-gamma weighting of Hang et al. 2023 ("Efficient Diffusion Training via Min-SNR
-    Weighting Strategy", eq. 9 written for eps-prediction): the nearly clean levels, whose
+    makes ||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t. ``min-snr``: min(SNR_t, gamma) /
+    SNR_t, the Min-SNR-gamma weighting of Hang et al. 2023 ("Efficient Diffusion Training via
+    Min-SNR Weighting Strategy", eq. 9 written for eps-prediction): the nearly clean levels, whose
     easy, large-gradient steps otherwise dominate and conflict with the rest, are weighted
     down to gamma / SNR_t; levels noisier than SNR_t = gamma keep weight 1. The same weights
     serve ``v``: the paper's v form min(SNR_t, gamma) / (SNR_t + 1) on ||v_hat - v||^2 is
@@ -150,9 +154,7 @@ def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, weighting: str = "un
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"train.loss_weighting: expected one of {list(LOSS_WEIGHTINGS)}, "
                          f"got {weighting!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"model.prediction: expected one of {list(PREDICTIONS)}, "
-                         f"got {prediction!r}")
+    _check_prediction(prediction)
     if weighting == "uniform" and prediction == "epsilon":
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     if weighting == "uniform":
