@@ -36,7 +36,8 @@ class GaussianEps(torch.nn.Module):
 
 class GaussianV(GaussianEps):
     """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 predictor of the same data:
-    a_t E[eps | x_t] - b_t E[x0 | x_t], with E[x0 | x_t] = m + a_t v (x_t - a_t m) / (a_t^2 v + b_t^2)."""
+    a_t E[eps | x_t] - b_t E[x0 | x_t], with
+    E[x0 | x_t] = m + a_t VAR (x_t - a_t m) / (a_t^2 VAR + b_t^2)."""
 
     def forward(self, x, t):
         abar = self.abar[t].view(-1, 1, 1, 1)
