@@ -110,15 +110,20 @@ class Party:
              labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.predict(self.net, x_t, t, labels)
 
+    @property
+    def _sampling_net(self) -> torch.nn.Module:
+        """The weights generation runs with: the EMA's where kept."""
+        return self.ema.model if self.ema else self.model
+
     def _sampling_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The noise predictor used for generation: the EMA weights where kept (no label)."""
-        return self.predict(self.ema.model if self.ema else self.model, x_t, t)
+        """The noise predictor used for generation (no label)."""
+        return self.predict(self._sampling_net, x_t, t)
 
     def guided_eps(self, labels: torch.Tensor | None, guidance_scale: float):
         """The generation noise predictor eps(x_t, t) for one batch of class ``labels``, with
         classifier-free guidance (:func:`collafuse.diffusion.guided_noise`): the conditional
         and the no-label predictions in one model call of twice the batch. None: no label."""
-        net = self.ema.model if self.ema else self.model
+        net = self._sampling_net
         if labels is None or guidance_scale == 1.0:
             return lambda x_t, t: self.predict(net, x_t, t, labels)
         null = torch.full_like(labels, self.num_classes)
