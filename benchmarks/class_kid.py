@@ -13,9 +13,9 @@ sample.sampler, sample.steps and sample.guidance_scale (--guidance-scale to over
 from __future__ import annotations
 
 import argparse
-import os
 
 from collafuse.data import to_uint8
+from collafuse.device import enlarge_cpu_kernel_cache
 from collafuse.engines.local import load_run
 from collafuse.evaluation.kid import cached_features, kid
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--cache", default="runs/kid-cache")
     args = parser.parse_args()
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
+    enlarge_cpu_kernel_cache()  # as the collafuse command does, before any convolution
 
     run = load_run(args.run_dir, device="cpu")
     cfg = run.cfg
