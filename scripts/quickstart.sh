@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up and run the default job: 3 hospitals, split DDPM training and sampling on the
-# bundled 32x32 FLAIR MRI (about 8 minutes on 2 quiet CPU cores). Extra arguments go to `collafuse train`.
+# bundled 32x32 FLAIR MRI (about 9 minutes on 2 quiet CPU cores). Extra arguments go to `collafuse train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

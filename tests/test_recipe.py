@@ -1,5 +1,5 @@
 """The training recipe's options: lr warm-up and cosine decay, Min-SNR loss weighting,
-v-prediction."""
+v-prediction, the client's extra steps on its own levels."""
 
 import math
 
@@ -68,10 +68,56 @@ def test_v_prediction_reaches_every_party(tiny_config):
     assert all(torch.isfinite(torch.tensor(p.last_loss)) for p in [run.server, *run.clients.values()])
 
 
+def _record_model_calls(party) -> list[tuple[int, torch.Tensor]]:
+    """(batch size, t) of every training call of the party's model, as it happens."""
+    calls = []
+    party.model.register_forward_pre_hook(
+        lambda module, args: calls.append((args[0].shape[0], args[1].clone()))
+        if torch.is_grad_enabled() else None)
+    return calls
+
+
+def test_local_steps_train_the_client_on_its_own_levels_and_send_nothing_more(tiny_config):
+    """train.local_steps = 3: after each batch's step every client takes two more, each on
+    local_batch_size images with t below its cut; the server receives the paper's round's
+    messages, bit for bit, and nothing else."""
+    paper, local = (Run(tiny_config(**extra), secrets={"DU": b"d" * 32, "HT": b"h" * 32})
+                    for extra in ({}, {"train.local_steps": 3, "train.local_batch_size": 5}))
+    calls = {cid: _record_model_calls(c) for cid, c in local.clients.items()}
+    received = {}
+    for run in (paper, local):
+        step = run.server.train_step
+        run.server.train_step = lambda msgs, step=step, run=run: (
+            received.setdefault(id(run), []).extend(msgs), step(msgs))[1]
+        run.train_round()
+    for cid, client in local.clients.items():
+        assert client.optimizer.state_dict()["state"][0]["step"] == 3  # three steps in round 1
+        (_, t_first), *extra = calls[cid]
+        assert int(t_first.max()) < client.cut
+        assert [size for size, _ in extra] == [5, 5]
+        assert all(int(t.max()) < client.cut for _, t in extra)
+    # round 1's messages are built before the extra steps: the paper's round's, bit for bit
+    assert len(received[id(local)]) == len(received[id(paper)]) == 2
+    for ours, theirs in zip(received[id(local)], received[id(paper)]):
+        assert ours.tensors.keys() == theirs.tensors.keys()
+        assert all(torch.equal(x, theirs.tensors[k]) for k, x in ours.tensors.items())
+    # and the extra steps did train the client
+    assert any(not torch.equal(t, paper.clients["DU"].model.state_dict()[n])
+               for n, t in local.clients["DU"].model.state_dict().items())
+
+
+def test_local_steps_at_c_0_train_nothing(tiny_config):
+    """A client that owns no level (c = 0) has no extra step to take."""
+    run = Run(tiny_config(**{"diffusion.cut_ratio": 0.0, "train.local_steps": 3}))
+    run.train_round()
+    assert all(not c.optimizer.state_dict()["state"] for c in run.clients.values())
+
+
 def test_resume_with_the_recipe_equals_uninterrupted(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.lr_schedule": '"cosine"', "train.lr_warmup_steps": 2,
                          "train.loss_weighting": '"min-snr"', "train.ema_decay": 0.9,
-                         "model.prediction": '"v"'})
+                         "model.prediction": '"v"', "train.local_steps": 2,
+                         "train.local_batch_size": 5})
     run_training(cfg, tmp_path / "cut", stop_after_round=3, progress=False)
     secrets = {cid: (tmp_path / "cut" / SECRETS / f"{cid}.key").read_bytes()
                for cid in ("DU", "HT")}
@@ -80,6 +126,8 @@ def test_resume_with_the_recipe_equals_uninterrupted(tiny_config, tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     for name, tensor in a["server"]["model"].items():
         assert torch.equal(tensor, b["server"]["model"][name]), name
+    for name, tensor in a["clients"]["DU"]["model"].items():
+        assert torch.equal(tensor, b["clients"]["DU"]["model"][name]), name
     # and the recipe did change the training: a plain run ends elsewhere
     plain = run_training(tiny_config(**{"train.ema_decay": 0.9}), tmp_path / "plain",
                          progress=False, secrets=secrets).state_dict()
@@ -89,7 +137,8 @@ def test_resume_with_the_recipe_equals_uninterrupted(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("key, value", [
     ("train.lr_schedule", '"linear"'), ("train.lr_warmup_steps", -1),
-    ("train.loss_weighting", '"snr"'), ("train.min_snr_gamma", 0), ("model.prediction", '"x0"')])
+    ("train.loss_weighting", '"snr"'), ("train.min_snr_gamma", 0), ("model.prediction", '"x0"'),
+    ("train.local_steps", 0), ("train.local_batch_size", -1), ("train.local_steps", 1.5)])
 def test_bad_recipe_values_are_one_line_errors(tiny_config, key, value):
     with pytest.raises(ConfigError, match=key):
         tiny_config(**{key: value})

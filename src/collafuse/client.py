@@ -33,7 +33,8 @@ class Client(Party):
                  seed: int, secret: bytes, ema_decay: float | None = None, meter=None,
                  device: str | torch.device = "cpu", compile: bool = False,
                  labels: torch.Tensor | None = None, num_classes: int = 0,
-                 label_dropout: float = 0.0, send_labels: bool = False):
+                 label_dropout: float = 0.0, send_labels: bool = False,
+                 local_steps: int = 1, local_batch_size: int = 0):
         """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere.
         ``seed`` makes the public draws reproducible (batch order, t, training noise); ``secret``
         (at least 16 random bytes) makes what the server must not know. ``images`` and
@@ -42,12 +43,18 @@ class Client(Party):
 
         ``labels`` (int64 class indices, one per image) make the client's model class-conditional
         over ``num_classes`` classes (model.condition "client" or "both"); they go to the server
-        only with ``send_labels`` (model.condition = "both")."""
+        only with ``send_labels`` (model.condition = "both").
+
+        After each batch's step the client takes ``local_steps`` - 1 more on its own levels
+        alone, each on ``local_batch_size`` fresh images (0: ``batch_size``)."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
                              f"got shape {tuple(images.shape)}")
         if batch_size < 1:
             raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
+        if local_steps < 1 or local_batch_size < 0:
+            raise ValueError(f"train.local_steps, local_batch_size: expected integers >= 1 and "
+                             f">= 0, got {local_steps} and {local_batch_size}")
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError(f"client {client_id}: the secret must be at least 16 random bytes")
         if labels is not None and (not num_classes or tuple(labels.shape) != (len(images),)):
@@ -62,6 +69,8 @@ class Client(Party):
         self.send_labels = send_labels
         self.images = images
         self.batch_size = min(batch_size, len(images))
+        self.local_steps = local_steps
+        self.local_batch_size = min(local_batch_size or batch_size, len(images))
         self.views = self._make_views(secret) if self.protocol == "noisy-data" else None
         self._images = self.place.put(images)
         self._views = None if self.views is None else self.place.put(self.views)
@@ -84,13 +93,13 @@ class Client(Party):
         return handover_view(self.scheduler, self.images, view_noise(secret, self.images.shape),
                              self.cut)
 
-    def _next_indices(self) -> torch.Tensor:
-        """The next batch of an epoch-wise shuffle; a new permutation when an epoch ends."""
-        if self.position + self.batch_size > len(self.order):
+    def _next_indices(self, size: int) -> torch.Tensor:
+        """The next ``size`` images of an epoch-wise shuffle; a new permutation when an epoch ends."""
+        if self.position + size > len(self.order):
             self.order = torch.randperm(len(self.images), generator=self.generator)
             self.position = 0
-        idx = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
+        idx = self.order[self.position:self.position + size]
+        self.position += size
         return idx
 
     def train_round(self, num_batches: int = 1) -> list[Message]:
@@ -104,7 +113,7 @@ class Client(Party):
         # The split is decided on the host (batch order and t from the host generator), and
         # the images are picked by index on the device: the host never waits for the device.
         with self.meter.measure(self.name, "diffusion"):
-            idx = self._next_indices()
+            idx = self._next_indices(self.batch_size)
             t = torch.randint(0, self.num_timesteps, (len(idx),), generator=self.generator)
             sent = server_owns(t, self.cut)
             own = ~sent
@@ -122,8 +131,27 @@ class Client(Party):
                 self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, own_labels),
                                           self.scheduler, x0[own_rows], t[own], eps[own_rows],
                                           self.loss_weighting))
+        for _ in range(self.local_steps - 1):
+            self._train_own_levels()
         self.steps += 1
         return message
+
+    def _train_own_levels(self) -> None:
+        """One step on the client's own levels alone: local_batch_size fresh images, t uniform
+        over [0, s). The paper's step trains the client on the part of a batch whose t falls
+        below the cut, about s/T of it; the client's half of the chain is what limits sample
+        quality in short runs (README, "Sample quality of the default run"), and these steps
+        give it more updates at no cost to the server and no message."""
+        if self.cut == 0:  # c = 0: the client owns no level
+            return
+        with self.meter.measure(self.name, "training"):
+            idx = self._next_indices(self.local_batch_size)
+            t = torch.randint(0, self.cut, (len(idx),), generator=self.generator)
+            x0 = self._images[self.place.put(idx)]
+            labels = None if self.labels is None else self._drop_labels(self.labels[idx])
+            self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, labels),
+                                      self.scheduler, x0, t, self._noise(x0.shape),
+                                      self.loss_weighting))
 
     def request_samples(self, num_samples: int, seed: int = 0, sampler: str = "ddpm",
                         steps: int = 0, labels: torch.Tensor | None = None,

@@ -91,6 +91,11 @@ class TrainConfig:
     steps: int = 1000  # batches per client; ignored when epochs > 0
     epochs: int = 0  # passes over the largest client's data; 0 = use steps
     batches_per_round: int = 1  # K: batches a client diffuses per message exchange
+    # the client's optimiser steps per batch: the paper's one (on the images of the batch whose t
+    # it owns) and local_steps - 1 more, each on local_batch_size fresh images (0 = batch_size)
+    # with t drawn from its own levels [0, s); nothing of them leaves the client
+    local_steps: int = 1
+    local_batch_size: int = 0
     ema_decay: float = 0.0  # EMA of the weights used for sampling; 0 = off
     # the learning rate over the run: "constant", or "cosine" (half a cosine from train.lr down
     # to 0 at train.steps), after a linear warm-up over lr_warmup_steps batches (0 = none)
@@ -291,6 +296,9 @@ def _check_values(cfg: Config, source: str) -> None:
         (cfg.train.steps >= 1 or cfg.train.epochs >= 1, "train.steps",
          "an integer >= 1 (or train.epochs >= 1)"),
         (cfg.train.batches_per_round >= 1, "train.batches_per_round", "an integer >= 1"),
+        (cfg.train.local_steps >= 1, "train.local_steps", "an integer >= 1"),
+        (cfg.train.local_batch_size >= 0, "train.local_batch_size",
+         "an integer >= 0 (0: train.batch_size)"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1"),
         (cfg.train.log_every >= 1, "train.log_every", "an integer >= 1"),
         (DEVICE_PATTERN.fullmatch(cfg.run.device) is not None, "run.device",

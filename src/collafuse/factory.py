@@ -128,7 +128,8 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
                     ema_decay=cfg.train.ema_decay or None,
                     device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
                     labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
-                    send_labels=m.condition == "both")
+                    send_labels=m.condition == "both", local_steps=cfg.train.local_steps,
+                    local_batch_size=cfg.train.local_batch_size)
     return with_recipe(client, cfg)
 
 
