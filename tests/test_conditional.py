@@ -162,6 +162,25 @@ def test_guidance_and_label_dropout():
     assert torch.allclose(guided_noise(cond, uncond, 3.0), torch.tensor([2.0, 7.0]))
 
 
+def test_local_steps_train_with_the_images_labels(two_classes):
+    """A conditional client's extra steps on its own levels (train.local_steps) see each image's
+    own class, or the null class where label dropout drew it."""
+    run = Run(config(two_classes, "client", **{"train.local_steps": 2,
+                                               "train.local_batch_size": 6}))
+    client = run.clients["S1"]
+    seen = []
+    client.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0], kwargs["class_labels"]))
+        if torch.is_grad_enabled() else None, with_kwargs=True)
+    run.train_round()
+    (_, _), (x_t, labels) = seen
+    assert x_t.shape[0] == labels.shape[0] == 6
+    null = client.num_classes
+    right = side(x_t) == -1  # at the client's low noise levels the bright half still shows
+    named = labels != null
+    assert named.any() and torch.equal(labels[named], right[named].long())
+
+
 def test_label_dropout_rate(two_classes):
     run = Run(config(two_classes, "both", **{"model.label_dropout": 0.25, "train.steps": 1}))
     dropped = run.server._drop_labels(torch.zeros(20_000, dtype=torch.long))
