@@ -8,7 +8,8 @@ hold-out hospitals and against the client's own training images; beside it
   difference between hospitals alone costs);
 - a plain pooled DDPM: one diffusers UNet of the same preset trained on the union of the
   clients' images with the textbook loop and the run's recipe (batch = the run's images per
-  round, lr, lr schedule, loss weighting, EMA) for the run's training seconds (summary.json,
+  round, lr, lr schedule, loss weighting, EMA; one step per batch, as it has no client levels
+  for train.local_steps) for the run's training seconds (summary.json,
   or --seconds; or exactly --pooled-steps steps), sampled with the same sampler and scored the
   same way;
 
@@ -195,7 +196,8 @@ def main() -> None:
         for party in [run.server, *run.clients.values()]:
             party.ema = None
     say(f"{run_dir}: {len(run.clients)} clients, c = {cfg.diffusion.cut_ratio}, "
-        f"{cfg.train.steps} steps, sampler {args.sampler} with {args.steps or 'all'} calls, "
+        f"{cfg.train.steps} steps, {cfg.train.local_steps} client steps per batch, "
+        f"sampler {args.sampler} with {args.steps or 'all'} calls, "
         f"{args.weights} weights, {args.num_samples} samples per client, "
         f"torch threads {torch.get_num_threads()}")
 
