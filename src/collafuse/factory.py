@@ -76,11 +76,19 @@ def with_recipe(party: Party, cfg: Config) -> Party:
         party.lr_at = functools.partial(_scheduled_lr, t.lr, t.steps, t.lr_schedule,
                                         t.lr_warmup_steps)
     party.prediction = cfg.model.prediction
-    if t.loss_weighting != "uniform" or cfg.model.prediction != "epsilon":
-        party.loss_weighting = functools.partial(loss_weights, party.scheduler,
-                                                 weighting=t.loss_weighting, gamma=t.min_snr_gamma,
-                                                 prediction=cfg.model.prediction)
+    party.loss_weighting = recipe_loss_weighting(cfg, party.scheduler)
     return party
+
+
+def recipe_loss_weighting(cfg: Config, scheduler):
+    """The per-sample loss weights of train.loss_weighting for model.prediction, as a function
+    of t; None for the plain mean (uniform weights on an eps-predicting model), which keeps the
+    loss exactly F.mse_loss."""
+    t = cfg.train
+    if t.loss_weighting == "uniform" and cfg.model.prediction == "epsilon":
+        return None
+    return functools.partial(loss_weights, scheduler, weighting=t.loss_weighting,
+                             gamma=t.min_snr_gamma, prediction=cfg.model.prediction)
 
 
 def _scheduled_lr(lr: float, total: int, schedule: str, warmup: int, step: int) -> float:
