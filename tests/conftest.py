@@ -45,3 +45,20 @@ def tiny_config():
     def make(**extra):
         return load_config(None, tiny_overrides(**extra))
     return make
+
+
+def record_server_traffic(run) -> list:
+    """Every message that reaches the server of ``run``, as it arrives."""
+    seen = []
+    train_step, generate = run.server.train_step, run.server.generate
+
+    def spy_train(messages):
+        seen.extend(messages)
+        return train_step(messages)
+
+    def spy_generate(request, on_step=None):
+        seen.append(request)
+        return generate(request, on_step)
+
+    run.server.train_step, run.server.generate = spy_train, spy_generate
+    return seen

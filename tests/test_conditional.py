@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import record_server_traffic
 
 from collafuse.config import ConfigError, load_config
 from collafuse.diffusion import guided_noise
@@ -54,23 +55,6 @@ def side(images: torch.Tensor) -> torch.Tensor:
     """+1 where an image's left half is the brighter, -1 where its right half is."""
     half = images.shape[-1] // 2
     return torch.sign(images[..., :half].mean((1, 2, 3)) - images[..., half:].mean((1, 2, 3)))
-
-
-def record_server_traffic(run: Run) -> list:
-    """Every message that reaches the server of ``run``, as it arrives."""
-    seen = []
-    train_step, generate = run.server.train_step, run.server.generate
-
-    def spy_train(messages):
-        seen.extend(messages)
-        return train_step(messages)
-
-    def spy_generate(request, on_step=None):
-        seen.append(request)
-        return generate(request, on_step)
-
-    run.server.train_step, run.server.generate = spy_train, spy_generate
-    return seen
 
 
 # Client-only conditioning steers only the client's steps, so it needs a high cut: at c = 0.5

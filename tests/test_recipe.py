@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import record_server_traffic
 
 from collafuse.config import ConfigError
 from collafuse.engines.local import SECRETS, Run, run_training
@@ -84,12 +85,9 @@ def test_local_steps_train_the_client_on_its_own_levels_and_send_nothing_more(ti
     paper, local = (Run(tiny_config(**extra), secrets={"DU": b"d" * 32, "HT": b"h" * 32})
                     for extra in ({}, {"train.local_steps": 3, "train.local_batch_size": 5}))
     calls = {cid: _record_model_calls(c) for cid, c in local.clients.items()}
-    received = {}
-    for run in (paper, local):
-        step = run.server.train_step
-        run.server.train_step = lambda msgs, step=step, run=run: (
-            received.setdefault(id(run), []).extend(msgs), step(msgs))[1]
-        run.train_round()
+    received = {id(run): record_server_traffic(run) for run in (paper, local)}
+    paper.train_round()
+    local.train_round()
     for cid, client in local.clients.items():
         assert client.optimizer.state_dict()["state"][0]["step"] == 3  # three steps in round 1
         (_, t_first), *extra = calls[cid]
