@@ -66,7 +66,7 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "small"  # "tiny" (tests), "small", "narrow" (CPU), "paper" (128x128, GPU)
+    preset: str = "small"  # "tiny" (tests), "small", "narrow", "lean" (CPU), "paper" (128x128, GPU)
     # class-conditional generation: "none"; "both" (client and server models take the label,
     # and the clients send it with every server-owned image); "client" (only the clients'
     # models take it: the server stays unconditional and never sees a label)
@@ -141,7 +141,7 @@ class EvaluationConfig:
     trajectory_steps: int = 6  # Figure 2: images recorded along one sample's denoising
 
 
-PRESETS = ("tiny", "small", "narrow", "paper")  # collafuse.models.make_unet's presets
+PRESETS = ("tiny", "small", "narrow", "lean", "paper")  # collafuse.models.make_unet's presets
 CONDITIONS = ("none", "both", "client")  # model.condition: where the class label goes
 
 
