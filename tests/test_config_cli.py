@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from collafuse.cli import main
 from collafuse import config, models
@@ -21,6 +22,13 @@ def test_shipped_configs_load(name):
     assert load_config(None, []).to_dict().keys() == cfg.to_dict().keys()
     assert cfg.model.preset in models.PRESETS
     assert set(config.PRESETS) == set(models.PRESETS)  # the config's own list of names
+
+
+@pytest.mark.parametrize("preset", sorted(models.PRESETS))
+def test_every_preset_builds_a_noise_predictor(preset):
+    model = models.make_unet(preset, 16)
+    x_t = torch.randn(2, 1, 16, 16)
+    assert models.predict_noise(model, x_t, torch.tensor([0, 9])).shape == x_t.shape
 
 
 def test_paper_config_has_the_papers_settings():
