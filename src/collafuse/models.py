@@ -29,8 +29,8 @@ PRESETS = {
     # time at 32x32 (README, "Sample quality of the default run")
     "narrow": Preset((16, 32, 64), 2, True, 8, "32x32 on 2 CPU cores"),
     # narrow with one ResNet layer per level and no attention: 0.64 M parameters, a quickstart
-    # round in about 70% of narrow's time for the same KID per step (README, "Sample quality of
-    # the default run"): on 2 cores more steps of a smaller model win
+    # round in 60% of narrow's time for about the same KID per round (README, "Sample quality
+    # of the default run"): on 2 cores more steps of a smaller model win
     "lean": Preset((16, 32, 64), 1, False, 8, "the quickstart: 32x32 on 2 CPU cores"),
     # The paper's UNet: base width 16, multipliers 1, 2, 4, 8, attention at the lowest
     # resolution, about 2.4 M parameters at 128x128 (this one has 2.7 M).
