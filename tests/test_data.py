@@ -20,6 +20,7 @@ from collafuse.data import (
     patient_ids,
     save_grid,
     save_images,
+    save_side_by_side,
     split_holdout,
     to_model,
     to_uint8,
@@ -394,6 +395,20 @@ def test_save_grid(tmp_path, lgg):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (3 * 34 + 2, 4 * 34 + 2)
     assert not (tmp_path / "grid.png.tmp").exists()
+
+
+def test_side_by_side_enlarges_each_pixel_into_a_block(tmp_path, lgg):
+    real, generated = lgg.images[:4], lgg.images[4:8]
+    save_side_by_side(real, generated, tmp_path / "pair.png", nrow=2, scale=3)
+    pair = np.asarray(Image.open(tmp_path / "pair.png"))
+    tile = 3 * lgg.images.shape[1]
+    assert pair.shape == (2 * (tile + 2) + 2, 2 * (2 * (tile + 2) + 2) + 8)
+    np.testing.assert_array_equal(pair[2:2 + tile:3, 2:2 + tile:3], real[0])
+    np.testing.assert_array_equal(pair[3:2 + tile:3, 4:2 + tile:3], real[0])
+    right = pair[:, 2 * (tile + 2) + 2 + 8:]
+    np.testing.assert_array_equal(right[2 + tile + 2:2 * (tile + 2):3, 2:2 + tile:3], generated[2])
+    with pytest.raises(DataError, match="scale must be an integer >= 1"):
+        save_side_by_side(real, generated, tmp_path / "bad.png", nrow=2, scale=0)
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ def test_loss_falls_and_run_folder_is_complete(tiny_config, tmp_path, protocol):
     samples = np.load(tmp_path / "run/samples/DU.npz")
     assert samples["images"].shape == (4, 16, 16) and samples["images"].dtype == np.uint8
     assert samples["handover"].shape == (4, 1, 16, 16)
-    from PIL import Image  # real | generated: two 2x2 grids of 16x16 images and an 8 px gap
-    assert Image.open(tmp_path / "run/samples/DU-real-vs-generated.png").size == (2 * 38 + 8, 38)
+    from PIL import Image  # real | generated: two 2x2 grids of 16x16 images enlarged 6x, 8 px gap
+    assert Image.open(tmp_path / "run/samples/DU-real-vs-generated.png").size == (2 * 198 + 8, 198)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["protocol"] == protocol and summary["cut_index"] == 10
     assert summary["bytes"]["DU"]["sent"] > 0 and summary["bytes"]["server"]["received"] > 0

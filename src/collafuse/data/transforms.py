@@ -108,12 +108,21 @@ def save_grid(images_uint8: np.ndarray, path, nrow: int, padding: int = 2) -> No
 
 
 def save_side_by_side(left_uint8: np.ndarray, right_uint8: np.ndarray, path, nrow: int,
-                      gap: int = 8) -> None:
+                      gap: int = 8, scale: int = 1) -> None:
     """Two grids of equally many images side by side, a white gap between (e.g. real |
-    generated), as one PNG, atomically."""
-    left, right = grid_array(left_uint8, nrow), grid_array(right_uint8, nrow)
+    generated), as one PNG, atomically. ``scale`` > 1 enlarges every image by that integer
+    factor first, each pixel a block (nothing interpolated), so small images can be judged."""
+    if scale < 1:
+        raise DataError(f"save_side_by_side: scale must be an integer >= 1, got {scale}")
+    left, right = (grid_array(_enlarge(np.asarray(x), scale), nrow)
+                   for x in (left_uint8, right_uint8))
     if left.shape != right.shape:
         raise DataError(f"save_side_by_side: grids of shapes {left.shape} and {right.shape}")
     white = np.full((left.shape[0], gap) + left.shape[2:], 255, np.uint8)
     with atomic_path(path) as tmp:
         Image.fromarray(np.concatenate([left, white, right], axis=1)).save(tmp, format="PNG")
+
+
+def _enlarge(images: np.ndarray, scale: int) -> np.ndarray:
+    """(N,H,W[,3]) with every pixel repeated scale x scale times."""
+    return images.repeat(scale, axis=1).repeat(scale, axis=2)

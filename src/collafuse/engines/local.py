@@ -27,6 +27,9 @@ from ..state import StateError, load_state, save_npz, save_state, write_text
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SECRETS = "client-secrets"  # the clients' secrets; in a deployment each stays on its node
+# real | generated figures enlarge small images to about this many pixels a side: at 32x32 a
+# ventricle is a few pixels, too small to judge in a 36-image grid
+FIGURE_TILE = 96
 
 
 class Run:
@@ -241,7 +244,8 @@ def write_samples(run: Run, run_dir: Path, num_samples: int | None = None,
         if len(real) == len(images):
             save_side_by_side(to_uint8(real), to_uint8(images),
                               run_dir / "samples" / f"{cid}-real-vs-generated.png",
-                              nrow=int(np.ceil(np.sqrt(len(images)))))
+                              nrow=int(np.ceil(np.sqrt(len(images)))),
+                              scale=max(1, FIGURE_TILE // images.shape[-1]))
     return out
 
 
