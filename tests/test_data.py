@@ -409,6 +409,8 @@ def test_side_by_side_enlarges_each_pixel_into_a_block(tmp_path, lgg):
     np.testing.assert_array_equal(right[2 + tile + 2:2 * (tile + 2):3, 2:2 + tile:3], generated[2])
     with pytest.raises(DataError, match="scale must be an integer >= 1"):
         save_side_by_side(real, generated, tmp_path / "bad.png", nrow=2, scale=0)
+    with pytest.raises(DataError, match=r"expected non-empty uint8 \(N,H,W\[,3\]\)"):
+        save_side_by_side(real[0], generated[0], tmp_path / "bad.png", nrow=2, scale=3)
 
 
 # --- errors --------------------------------------------------------------------------------------

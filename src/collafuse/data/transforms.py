@@ -84,11 +84,15 @@ def fit_array(images: np.ndarray, image_size: int | None, channels: int) -> np.n
     return np.stack([fit_image(Image.fromarray(im), image_size, channels) for im in images])
 
 
-def grid_array(images_uint8: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
-    """uint8 images (N,H,W) or (N,H,W,3) tiled nrow per row on a black background."""
+def grid_array(images_uint8: np.ndarray, nrow: int, padding: int = 2, scale: int = 1) -> np.ndarray:
+    """uint8 images (N,H,W) or (N,H,W,3) tiled nrow per row on a black background; ``scale`` > 1
+    enlarges each image by that whole factor first, every pixel a block (nothing interpolated)."""
     x = np.asarray(images_uint8)
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) == 0 or nrow < 1:
         raise DataError(f"save_grid: expected non-empty uint8 (N,H,W[,3]) and nrow >= 1, found {x.dtype} {x.shape}")
+    if scale < 1:
+        raise DataError(f"save_grid: scale must be an integer >= 1, got {scale}")
+    x = x.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w = x.shape[:3]
     rows = -(-n // nrow)
     cols = min(n, nrow)
@@ -110,19 +114,11 @@ def save_grid(images_uint8: np.ndarray, path, nrow: int, padding: int = 2) -> No
 def save_side_by_side(left_uint8: np.ndarray, right_uint8: np.ndarray, path, nrow: int,
                       gap: int = 8, scale: int = 1) -> None:
     """Two grids of equally many images side by side, a white gap between (e.g. real |
-    generated), as one PNG, atomically. ``scale`` > 1 enlarges every image by that integer
-    factor first, each pixel a block (nothing interpolated), so small images can be judged."""
-    if scale < 1:
-        raise DataError(f"save_side_by_side: scale must be an integer >= 1, got {scale}")
-    left, right = (grid_array(_enlarge(np.asarray(x), scale), nrow)
-                   for x in (left_uint8, right_uint8))
+    generated), as one PNG, atomically; ``scale`` enlarges small images (see grid_array)."""
+    left = grid_array(left_uint8, nrow, scale=scale)
+    right = grid_array(right_uint8, nrow, scale=scale)
     if left.shape != right.shape:
         raise DataError(f"save_side_by_side: grids of shapes {left.shape} and {right.shape}")
     white = np.full((left.shape[0], gap) + left.shape[2:], 255, np.uint8)
     with atomic_path(path) as tmp:
         Image.fromarray(np.concatenate([left, white, right], axis=1)).save(tmp, format="PNG")
-
-
-def _enlarge(images: np.ndarray, scale: int) -> np.ndarray:
-    """(N,H,W[,3]) with every pixel repeated scale x scale times."""
-    return images.repeat(scale, axis=1).repeat(scale, axis=2)
