@@ -1,5 +1,6 @@
 """Cost per party, the cut-ratio sweep end to end (tiny preset) and the report's verdicts."""
 
+import csv
 import json
 import math
 
@@ -9,9 +10,9 @@ import pytest
 from collafuse.config import ConfigError, load_config
 from collafuse.engines.local import run_training
 from collafuse.evaluation.costs import CostMeter
-from collafuse.evaluation.report import FIGURES, REPORT, findings
-from collafuse.evaluation.layout import cut_dir
-from collafuse.evaluation.sweep import cut_config, run_sweep
+from collafuse.evaluation.report import FIGURES, REPORT
+from collafuse.evaluation.layout import run_dir
+from collafuse.evaluation.sweep import run_config, run_sweep, sweep_plan
 from collafuse.metering import SERVER, client_party, totals
 
 from conftest import tiny_overrides
@@ -52,65 +53,80 @@ def _sweep_config(**extra):
     return load_config(None, tiny_overrides(**values))
 
 
-def test_sweep_end_to_end_resumes_where_it_stopped(tmp_path):
-    cfg = _sweep_config()
+def _rounds(folder):
+    return [json.loads(ln)["round"]
+            for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, capsys):
+    """2 seeds x 2 cut ratios under both protocols (noisy-data's cut ratios from a
+    [[sweep.grid]] entry): a row per (protocol, c, seed, client), each seed its own run;
+    an interrupted sweep keeps finished runs and resumes the begun one."""
+    cfg = _sweep_config(**{
+        "sweep.protocols": '["shared-noise", "noisy-data"]', "sweep.seeds": "[0, 1]",
+        "sweep.grid": '[{protocol = "noisy-data", cut_ratios = [0.5, 1.0]}]'})
+    plan = sweep_plan(cfg)
+    assert [(s.protocol, s.cut_ratio, s.seed) for s in plan] == [
+        ("shared-noise", 0.0, 0), ("shared-noise", 0.5, 0),
+        ("noisy-data", 0.5, 0), ("noisy-data", 1.0, 0),
+        ("shared-noise", 0.0, 1), ("shared-noise", 0.5, 1),
+        ("noisy-data", 0.5, 1), ("noisy-data", 1.0, 1)]
     out = tmp_path / "sweep"
-    first = run_sweep(cfg, out, progress=False, max_cut_ratios=1)
-    assert [r["cut_ratio"] for r in first] == [0.0, 0.0]
-    done = cut_dir(out, 0.0)
-    stamps = {name: (done / name).stat().st_mtime_ns for name in
-              ("checkpoint.pt", "summary.json", "evaluation.json")}
-    # Interrupt the second cut ratio inside its training, too.
-    run_training(cut_config(cfg, 0.5), cut_dir(out, 0.5), stop_after_round=2, progress=False)
+    first = run_sweep(cfg, out, progress=False, max_runs=3)
+    assert [(r["protocol"], r["cut_ratio"], r["seed"]) for r in first[::2]] == [
+        ("shared-noise", 0.0, 0), ("shared-noise", 0.5, 0), ("noisy-data", 0.5, 0)]
+    done = [run_dir(out, *key) for key in (("shared-noise", 0.0, 0), ("noisy-data", 0.5, 0))]
+    stamps = {(d, name): (d / name).stat().st_mtime_ns for d in done
+              for name in ("checkpoint.pt", "summary.json", "evaluation.json")}
+    # Interrupt the fourth run inside its training, too.
+    begun = run_dir(out, "noisy-data", 1.0, 0)
+    run_training(run_config(cfg, plan[3]), begun, stop_after_round=2, progress=False)
 
-    rows = run_sweep(cfg, out, progress=False)
+    rows = run_sweep(cfg, out, progress=True)
 
-    assert stamps == {name: (done / name).stat().st_mtime_ns for name in stamps}
-    rounds = [json.loads(ln)["round"]
-              for ln in (cut_dir(out, 0.5) / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == list(range(1, 7))
-    assert [(r["cut_ratio"], r["client"]) for r in rows] == [
-        (0.0, "DU"), (0.0, "HT"), (0.5, "DU"), (0.5, "HT")]
+    printed = capsys.readouterr().out
+    assert "8 runs in the plan; 5 trainings to run (1 resumed)" in printed, printed
+    assert "projected wall time" in printed and "5 runs to evaluate" in printed
+    assert stamps == {key: (key[0] / key[1]).stat().st_mtime_ns for key in stamps}
+    assert _rounds(begun) == list(range(1, 7))
+    assert [(r["protocol"], r["cut_ratio"], r["seed"], r["client"]) for r in rows] == [
+        (s.protocol, s.cut_ratio, s.seed, cid) for s in plan for cid in ("DU", "HT")]
+    for spec in plan:  # each seed its own run: its own run.seed, weights and losses
+        folder = run_dir(out, spec.protocol, spec.cut_ratio, spec.seed)
+        run_cfg = load_config(folder / "config.toml")
+        assert (run_cfg.run.seed, run_cfg.train.protocol, run_cfg.diffusion.cut_ratio) == (
+            spec.seed, spec.protocol, spec.cut_ratio)
+    by_key = {(r["protocol"], r["cut_ratio"], r["seed"], r["client"]): r for r in rows}
+    for protocol, c in (("shared-noise", 0.5), ("noisy-data", 0.5), ("noisy-data", 1.0)):
+        seed0 = run_dir(out, protocol, c, 0) / "metrics.jsonl"
+        seed1 = run_dir(out, protocol, c, 1) / "metrics.jsonl"
+        assert seed0.read_text() != seed1.read_text(), (protocol, c)
+        assert by_key[(protocol, c, 0, "DU")]["kid_holdout"] != by_key[(protocol, c, 1, "DU")][
+            "kid_holdout"]
     for name in ("results.csv", "results.json", REPORT, *FIGURES.values()):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text()) == rows
-    assert len((out / "results.csv").read_text().splitlines()) == 5
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 16 and {"seed", "protocol", "kid_holdout", "disclosure_mse"} <= set(
+        table[0])
+    assert [(t["protocol"], t["seed"]) for t in table[:2]] == [("shared-noise", "0")] * 2
     numeric = ["kid_train", "kid_holdout", "kid_train_std", "disclosure_mse",
                "disclosure_kid", "disclosure_x0_nn_mse", "disclosure_x0_nn_mse_baseline",
                "disclosure_memorisation_nearer_train",
                "disclosure_memorisation_baseline_nearer_train",
                "disclosure_memorisation_copy_fraction", "client_flops", "server_flops",
                "client_energy_kwh", "client_seconds", "client_bytes_sent"]
-    for row in rows:
-        assert row["protocol"] == "shared-noise"
+    for row in rows[:4]:
         assert all(math.isfinite(row[k]) for k in numeric), row
-    zero, half = rows[0], rows[2]
+    zero, half = by_key[("shared-noise", 0.0, 1, "DU")], by_key[("shared-noise", 0.5, 1, "DU")]
     assert zero["cut_index"] == 0 and half["cut_index"] == 10
     assert zero["client_flops"] == 0 and zero["client_flop_share"] == 0
     assert half["client_flop_share"] > 0 and half["client_bytes_sent"] < zero["client_bytes_sent"]
     report = (out / REPORT).read_text()
     assert "shared-noise" in report and "estimate" in report and "Privacy audit" in report
-    assert "copy the clients' images" in report
-
-
-def _synthetic_rows(kid, mse, energy):
-    cs = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    return [dict(cut_ratio=c, cut_index=round(100 * c), num_timesteps=100, client=cid,
-                 kid_train=k, kid_holdout=k, disclosure_mse=m,
-                 client_energy_kwh=e, client_flops=e * 1e12)
-            for c, k, m, e in zip(cs, kid, mse, energy) for cid in ("A", "B")]
-
-
-def test_findings_say_whether_the_paper_is_supported():
-    paper_like = findings(_synthetic_rows(kid=[0.05, 0.04, 0.03, 0.02, 0.04, 0.09],
-                                          mse=[0.087, 1.0, 1.02, 1.05, 1.06, 1.07],
-                                          energy=[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert all("Supported" in line for line in paper_like), paper_like
-    contrary = findings(_synthetic_rows(kid=[0.06, 0.05, 0.04, 0.03, 0.02, 0.01],
-                                        mse=[0.5, 0.4, 0.3, 0.2, 0.1, 0.05],
-                                        energy=[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]))
-    assert all("Not supported" in line for line in contrary), contrary
-    assert "cannot be checked" in findings(_synthetic_rows([1], [1], [1]))[0]
+    assert "copy the clients' images" in report and "t-intervals over training seeds" in report
+    assert "What hiding the noise costs" in report and "| 0.5 | 0, 1 |" in report
 
 
 @pytest.mark.parametrize("path", ["configs/sweep.toml", "configs/paper.toml"])
@@ -122,6 +138,59 @@ def test_shipped_sweep_configs_load(path):
     assert np.isfinite(cfg.train.lr)
 
 
+def test_sweep_config_trains_the_default_runs_recipe_over_the_issues_grid():
+    """configs/sweep.toml: the quickstart's data, model, training and sampler; shared-noise at
+    six c with three seeds, noisy-data at the four inner c with one."""
+    from conftest import REPO
+
+    sweep, quick = load_config(REPO / "configs/sweep.toml"), load_config(
+        REPO / "configs/quickstart.toml")
+    for section in ("data", "model", "train", "sample"):
+        assert getattr(sweep, section) == getattr(quick, section), section
+    assert sweep.diffusion.num_timesteps == quick.diffusion.num_timesteps
+    plan = sweep_plan(sweep)
+    shared = [s for s in plan if s.protocol == "shared-noise"]
+    noisy = [s for s in plan if s.protocol == "noisy-data"]
+    assert sorted({s.cut_ratio for s in shared}) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1])
+    assert {s.seed for s in shared} == {0, 1, 2} and len(shared) == 18
+    assert sorted({s.cut_ratio for s in noisy}) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert {s.seed for s in noisy} == {0} and len(noisy) == 4
+
+
+def test_seeds_option_replaces_every_protocols_seeds():
+    from collafuse.evaluation.sweep import with_seeds
+
+    cfg = _sweep_config(**{"sweep.protocols": '["shared-noise", "noisy-data"]',
+                           "sweep.grid": '[{protocol = "noisy-data", seeds = [0]}]'})
+    plan = sweep_plan(with_seeds(cfg, [3, 4]))
+    assert {(s.protocol, s.seed) for s in plan} == {
+        (p, k) for p in ("shared-noise", "noisy-data") for k in (3, 4)}
+    assert {s.seed for s in sweep_plan(cfg)} == {0}  # sweep.seeds = [] means run.seed
+
+
+@pytest.mark.parametrize("grid, message", [
+    ('[{protocol = "noisy-data"}]', "sweep.grid\\[0\\].protocol: expected one of sweep.protocols"),
+    ('[{protocol = "shared-noise", cuts = [0.5]}]', "sweep.grid\\[0\\].cuts: unknown key"),
+    ('[{protocol = "shared-noise", cut_ratios = [1.5]}]', "cut_ratios: expected numbers in"),
+    ('[{protocol = "shared-noise", seeds = [1, 1]}]', "seeds: expected distinct integers"),
+])
+def test_bad_sweep_grid_is_a_one_line_error(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        _sweep_config(**{"sweep.grid": grid})
+
+
+def test_sweep_cli_rejects_bad_seeds(capsys):
+    from collafuse.cli import main
+    from conftest import REPO
+
+    for seeds in ("0,x", "1,1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["sweep", str(REPO / "configs/sweep.toml"), "--seeds", seeds])
+        assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seeds: expected integers separated by commas" in err and "distinct" in err
+
+
 def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     """--train-only trains and evaluates nothing; --evaluate-only evaluates finished runs,
     wherever they ran (run.device is no part of a run's identity), and trains nothing."""
@@ -129,8 +198,8 @@ def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     import collafuse.evaluation.sweep as sweep
 
     evaluated = []
-    monkeypatch.setattr(sweep, "evaluate_cut", lambda cfg, run_dir, cache, progress:
-                        evaluated.append((cfg.run.device, run_dir.name)) or [])
+    monkeypatch.setattr(sweep, "evaluate_run", lambda cfg, spec, folder, cache, bar:
+                        evaluated.append((cfg.run.device, folder.name)) or [])
     monkeypatch.setattr(report, "write_report", lambda out: None)
     cfg = _sweep_config(**{"run.device": '"cpu"'})
     out = tmp_path / "sweep"
@@ -138,10 +207,11 @@ def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
         run_sweep(cfg, out, progress=False, train=False)
     run_sweep(cfg, out, progress=False, evaluate=False)
     assert evaluated == [] and not (out / "results.json").exists()
-    stamps = [(cut_dir(out, c) / "checkpoint.pt").stat().st_mtime_ns for c in (0.0, 0.5)]
+    folders = [run_dir(out, "shared-noise", c, 0) for c in (0.0, 0.5)]
+    stamps = [(f / "checkpoint.pt").stat().st_mtime_ns for f in folders]
     elsewhere = _sweep_config(**{"run.device": '"auto"'})
     run_sweep(elsewhere, out, progress=False, train=False)
-    assert evaluated == [("auto", "c=0"), ("auto", "c=0.5")]
-    assert stamps == [(cut_dir(out, c) / "checkpoint.pt").stat().st_mtime_ns for c in (0.0, 0.5)]
+    assert evaluated == [("auto", "c=0-seed=0"), ("auto", "c=0.5-seed=0")]
+    assert stamps == [(f / "checkpoint.pt").stat().st_mtime_ns for f in folders]
     with pytest.raises(ConfigError, match="another config"):
         run_sweep(_sweep_config(**{"train.lr": 0.01}), out, progress=False, train=False)

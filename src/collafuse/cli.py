@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(sweep)
     sweep.add_argument("--out", type=Path, help="sweep folder (default runs/<run.name>-sweep); "
                        "rerun with the same --out to continue an interrupted sweep")
+    sweep.add_argument("--seeds", type=_seed_list, metavar="K,K,...", help="training seeds, "
+                       "each a run per protocol and cut ratio, e.g. 0,1,2 (default: sweep.seeds; "
+                       "replaces every protocol's seeds)")
     _add_device(sweep)
     stage = sweep.add_mutually_exclusive_group()
     stage.add_argument("--train-only", action="store_true", help="train every cut ratio, "
@@ -213,10 +216,23 @@ def _audit(args) -> None:
     print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json)")
 
 
+def _seed_list(text: str) -> list[int]:
+    """--seeds 0,1,2: distinct integers >= 0."""
+    try:
+        seeds = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+    if any(k < 0 for k in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
+    return seeds
+
+
 def _sweep(args) -> None:
-    from .evaluation.sweep import run_sweep
+    from .evaluation.sweep import run_sweep, with_seeds
 
     cfg = _load_config(args)
+    if args.seeds is not None:
+        cfg = with_seeds(cfg, args.seeds)
     out = args.out or Path("runs") / f"{cfg.run.name}-sweep"
     run_sweep(cfg, out, train=not args.evaluate_only, evaluate=not args.train_only)
     if args.train_only:

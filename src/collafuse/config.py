@@ -126,9 +126,21 @@ class SampleConfig:
     guidance_scale: float = 2.0
 
 
+PROTOCOL_NAMES = ("shared-noise", "noisy-data")  # train.protocol, sweep.protocols
+GRID_KEYS = {"protocol": str, "cut_ratios": list, "seeds": list}  # a [[sweep.grid]] entry's
+
+
 @dataclass
 class SweepConfig:
+    # every protocol's cut ratios and training seeds, unless a [[sweep.grid]] entry gives its own
     cut_ratios: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    # training seeds: each is a run's run.seed (initial weights, data split, training draws) and
+    # the seed of its evaluation; intervals over them include seed-to-seed variance
+    seeds: list[int] = field(default_factory=list)  # [] = [run.seed]
+    protocols: list[str] = field(default_factory=list)  # [] = train.protocol alone
+    # [[sweep.grid]] entries {protocol = "...", cut_ratios = [...], seeds = [...]}: a protocol
+    # of sweep.protocols with its own cut ratios and/or seeds (unset keys: the ones above)
+    grid: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -290,6 +302,12 @@ def _check_values(cfg: Config, source: str) -> None:
         (0.0 <= cfg.diffusion.cut_ratio <= 1.0, "diffusion.cut_ratio", "a number in [0, 1]"),
         (all(0.0 <= c <= 1.0 for c in cfg.sweep.cut_ratios), "sweep.cut_ratios",
          "numbers in [0, 1]"),
+        (len(set(cfg.sweep.seeds)) == len(cfg.sweep.seeds) and all(
+            k >= 0 for k in cfg.sweep.seeds), "sweep.seeds",
+         "distinct integers >= 0 ([] = run.seed)"),
+        (all(p in PROTOCOL_NAMES for p in cfg.sweep.protocols)
+         and len(set(cfg.sweep.protocols)) == len(cfg.sweep.protocols), "sweep.protocols",
+         "distinct names from 'shared-noise', 'noisy-data' ([] = train.protocol)"),
         (cfg.diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "an integer >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "an integer >= 1"),
         (cfg.train.lr > 0, "train.lr", "a positive number"),
@@ -312,7 +330,7 @@ def _check_values(cfg: Config, source: str) -> None:
         (cfg.train.loss_weighting in ("uniform", "min-snr"), "train.loss_weighting",
          "'uniform' or 'min-snr'"),
         (cfg.train.min_snr_gamma > 0, "train.min_snr_gamma", "a positive number"),
-        (cfg.train.protocol in ("shared-noise", "noisy-data"), "train.protocol",
+        (cfg.train.protocol in PROTOCOL_NAMES, "train.protocol",
          "'shared-noise' or 'noisy-data'"),
         (0.0 <= cfg.data.client_holdout_fraction < 1.0, "data.client_holdout_fraction",
          "a number in [0, 1)"),
@@ -347,6 +365,7 @@ def _check_values(cfg: Config, source: str) -> None:
         if not ok:
             value = _get(cfg, name)
             raise ConfigError(f"{source}: {name}: expected {expected}, got {value!r}")
+    _check_grid(cfg, source)
     for cid, own in cfg.clients.items():
         if own.cut_ratio is not None and not 0.0 <= own.cut_ratio <= 1.0:
             raise ConfigError(f"{source}: clients.{cid}.cut_ratio: expected a number in [0, 1], "
@@ -357,6 +376,31 @@ def _check_values(cfg: Config, source: str) -> None:
     if cfg.data.partition == "site" and (unknown := sorted(set(cfg.clients) - set(cfg.data.clients))):
         raise ConfigError(f"{source}: [clients.{unknown[0]}]: not one of data.clients "
                           f"{cfg.data.clients}")
+
+
+def _check_grid(cfg: Config, source: str) -> None:
+    """Each [[sweep.grid]] entry names one protocol of the sweep, once, with valid lists."""
+    protocols = cfg.sweep.protocols or [cfg.train.protocol]
+    seen = set()
+    for i, entry in enumerate(cfg.sweep.grid):
+        where = f"{source}: sweep.grid[{i}]"
+        for key, value in entry.items():
+            if key not in GRID_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key; expected one of {sorted(GRID_KEYS)}")
+            if not isinstance(value, GRID_KEYS[key]):
+                raise ConfigError(f"{where}.{key}: expected {GRID_KEYS[key].__name__}, got {value!r}")
+        protocol = entry.get("protocol")
+        if protocol not in protocols or protocol in seen:
+            raise ConfigError(f"{where}.protocol: expected one of sweep.protocols {protocols} not "
+                              f"named by another entry, got {protocol!r}")
+        seen.add(protocol)
+        cuts, seeds = entry.get("cut_ratios", [0.0]), entry.get("seeds", [0])
+        if not cuts or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                               and 0.0 <= c <= 1.0 for c in cuts):
+            raise ConfigError(f"{where}.cut_ratios: expected numbers in [0, 1], got {cuts!r}")
+        if not seeds or len(set(seeds)) != len(seeds) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds):
+            raise ConfigError(f"{where}.seeds: expected distinct integers >= 0, got {seeds!r}")
 
 
 def _get(cfg: Config, dotted: str):
@@ -390,4 +434,6 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a [[sweep.grid]] entry)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)

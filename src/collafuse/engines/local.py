@@ -153,8 +153,11 @@ def read_losses(lines: list[dict]) -> list[dict]:
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
                  stop_after_round: int | None = None, progress: bool = True,
-                 meter=None, secrets: dict[str, bytes] | None = None) -> Run:
+                 meter=None, secrets: dict[str, bytes] | None = None,
+                 on_round=None) -> Run:
     """Train (or resume) a run in ``run_dir``; sample and summarise when training is complete.
+
+    ``on_round(round)`` is called after every round (a sweep's progress bar over many runs).
 
     ``stop_after_round`` ends the run early after checkpointing, as an interruption would.
     ``meter`` records every party's cost (see :class:`Run`); it is checkpointed with the run.
@@ -180,6 +183,8 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
         while run.round < run.rounds:
             pending.append(run.train_round())
             bar.update(1)
+            if on_round is not None:
+                on_round(run.round)
             last = run.round == run.rounds or run.round == stop_after_round
             checkpoint = last or run.round % cfg.train.checkpoint_every == 0
             if checkpoint or run.round % cfg.train.log_every == 0:

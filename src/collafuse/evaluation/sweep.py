@@ -1,7 +1,10 @@
-"""The paper's experiment: train and evaluate every cut ratio of a config under one seed.
+"""The paper's experiment: train and evaluate every protocol, cut ratio and training seed.
 
-For each c in ``sweep.cut_ratios`` a training run goes to ``<out>/c=<c>/`` (the in-process
-engine; a finished run is kept, an interrupted one resumed), then every client is evaluated:
+The plan (:func:`sweep_plan`): for each protocol of ``sweep.protocols`` its cut ratios and
+training seeds (``sweep.cut_ratios`` and ``sweep.seeds``, or the protocol's own from a
+``[[sweep.grid]]`` entry). Each (protocol, c, seed) trains its own run in
+``<out>/<protocol>/c=<c>-seed=<seed>/`` (the in-process engine; a finished run is kept, an
+interrupted one resumed), then every client is evaluated:
 
 - performance: KID of its generated samples against its own training images and against the
   hold-out set;
@@ -13,10 +16,14 @@ engine; a finished run is kept, an interrupted one resumed), then every client i
   the client's same-hospital held-out patients, each beside its no-copy baseline;
 - cost per party and phase from a CostMeter (FLOPs, energy, seconds, bytes).
 
-An evaluated cut ratio keeps its rows in ``c=<c>/evaluation.json``, so a rerun only does
-what is missing. Features of real image sets are cached under ``<out>/cache``. The sweep
-writes ``results.csv`` and ``results.json`` (one row per cut ratio and client), the figures
-and ``report.md`` (:mod:`collafuse.evaluation.report`).
+A training seed is the run's ``run.seed`` (initial weights, data split, training draws) and
+the seed of its evaluation (generated samples, real subsets, KID subsets), so that seeds are
+independent replicates and an interval over them holds both kinds of variance
+(:mod:`.intervals`). An evaluated run keeps its rows in its ``evaluation.json``, so a rerun only
+does what is missing. Features of real image sets are cached under ``<out>/cache``. Before it
+starts the sweep measures its pace and prints a projection (:mod:`.pace`); one progress bar
+runs over the whole sweep. It writes ``results.csv`` and ``results.json`` (one row per run and
+client), the figures and ``report.md`` (:mod:`collafuse.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,57 +39,110 @@ import torch
 
 from ..config import Config, ConfigError, from_dict, load_config
 from ..data import patient_ids, split_holdout, to_model, to_uint8
-from ..engines.local import load_run, run_training
+from ..engines.local import METRICS, load_run, run_training
 from ..metering import SERVER, client_party, totals
 from ..privacy.attacks import tweedie_from_view
 from ..state import save_npz, write_text
 from .costs import CostMeter
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
-from .layout import EVALUATION, RESULTS, TRAJECTORY, cut_dir
+from .layout import EVALUATION, RESULTS, TRAJECTORY, run_dir
+from .pace import SweepBar, project
 
 TRAINING_PHASES = ("diffusion", "training")
 # Generated images per sampling call: bounds memory at 128x128 without changing the method.
 SAMPLE_CHUNK = 250
+# Seeds of a client's generated samples: sample.seed + CLIENT_STRIDE * client index +
+# SEED_STRIDE * training seed. Every cut ratio of a training seed draws the same noise (paired
+# comparisons); each training seed its own, since models of different seeds map the same noise
+# to similar images, which would tie the seeds' KIDs together and narrow their interval falsely.
+CLIENT_STRIDE, SEED_STRIDE = 1000, 100_000
 
 
-def cut_config(cfg: Config, cut_ratio: float) -> Config:
-    """The training config of one cut ratio.
+@dataclass(frozen=True)
+class SweepRun:
+    """One training run of a sweep."""
+
+    protocol: str
+    cut_ratio: float
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.protocol} c={self.cut_ratio:g} seed={self.seed}"
+
+
+def sweep_plan(cfg: Config) -> list[SweepRun]:
+    """Every (protocol, c, seed) of the sweep: seed by seed (an interrupted sweep has whole
+    seeds), and within a seed protocol by protocol, c in the config's order."""
+    grid = {entry["protocol"]: entry for entry in cfg.sweep.grid}
+    axes = []
+    for protocol in cfg.sweep.protocols or [cfg.train.protocol]:
+        entry = grid.get(protocol, {})
+        cuts = entry.get("cut_ratios", cfg.sweep.cut_ratios)
+        seeds = entry.get("seeds", cfg.sweep.seeds or [cfg.run.seed])
+        axes.append((protocol, [float(c) for c in cuts], [int(k) for k in seeds]))
+    seeds = sorted({k for _, _, ks in axes for k in ks})
+    return [SweepRun(protocol, c, k) for k in seeds for protocol, cuts, ks in axes
+            if k in ks for c in cuts]
+
+
+def with_seeds(cfg: Config, seeds: list[int]) -> Config:
+    """``cfg`` whose every protocol trains these seeds (``collafuse sweep --seeds``)."""
+    raw = cfg.to_dict()
+    raw["sweep"]["seeds"] = list(seeds)
+    raw["sweep"]["grid"] = [{k: v for k, v in e.items() if k != "seeds"}
+                            for e in raw["sweep"]["grid"]]
+    return from_dict(raw, source="--seeds")
+
+
+def run_config(cfg: Config, spec: SweepRun) -> Config:
+    """The training config of one run: the sweep's with the run's protocol, cut ratio and
+    run.seed.
 
     The sweep and evaluation sections are reset to their defaults, so that changing how a
-    sweep is evaluated (or which cut ratios it has) never invalidates a finished training run.
+    sweep is evaluated (or which runs it has) never invalidates a finished training run.
     """
     raw = cfg.to_dict()
-    raw["diffusion"]["cut_ratio"] = cut_ratio
+    raw["diffusion"]["cut_ratio"] = spec.cut_ratio
+    raw["train"]["protocol"] = spec.protocol
+    raw["run"]["seed"] = spec.seed
     del raw["sweep"], raw["evaluation"]
-    return from_dict(raw, source=f"sweep c={cut_ratio:g}")
+    return from_dict(raw, source=f"sweep {spec.label()}")
 
 
 def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
-              max_cut_ratios: int | None = None, train: bool = True,
+              max_runs: int | None = None, train: bool = True,
               evaluate: bool = True) -> list[dict]:
-    """Train and evaluate every cut ratio; write results, figures and the report.
+    """Train and evaluate every run of the plan; write results, figures and the report.
 
-    ``max_cut_ratios`` stops after that many cut ratios, as an interruption would; a later call
-    with the same ``out`` continues. ``train=False`` evaluates runs trained before, perhaps on
-    another machine (each must be finished); ``evaluate=False`` only trains (for a machine
-    without the Inception weights), and writes no results.
+    ``max_runs`` stops after that many runs, as an interruption would; a later call with the
+    same ``out`` continues. ``train=False`` evaluates runs trained before, perhaps on another
+    machine (each must be finished); ``evaluate=False`` only trains (for a machine without the
+    Inception weights), and writes no results.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.toml", cfg.to_toml())
+    plan = sweep_plan(cfg)[:max_runs]
+    if not train:
+        for spec in plan:
+            if not _finished(cfg, spec, run_dir(out, *_key(spec))):
+                raise ConfigError(f"{run_dir(out, *_key(spec))}: no finished training run to "
+                                  "evaluate; train it first (collafuse sweep without "
+                                  "--evaluate-only)")
+    if progress and any(s.protocol == "noisy-data" and s.cut_ratio == 0.0 for s in plan):
+        print(NOISY_DATA_AT_ZERO, flush=True)
+    projection = _project(cfg, out, plan, train, evaluate) if progress else None
+    if projection is not None:
+        print(projection.text(), flush=True)
     rows: list[dict] = []
-    for i, c in enumerate(cfg.sweep.cut_ratios):
-        if max_cut_ratios is not None and i >= max_cut_ratios:
-            break
-        run_dir = cut_dir(out, c)
-        if train:
-            train_cut(cfg, c, run_dir, progress)
-        elif not _finished(cfg, c, run_dir):
-            raise ConfigError(f"{run_dir}: no finished training run to evaluate; train it "
-                              "first (collafuse sweep without --evaluate-only)")
-        if evaluate:
-            rows += evaluate_cut(cfg, run_dir, out / "cache", progress)
+    with SweepBar(projection, enabled=progress) as bar:
+        for spec in plan:
+            folder = run_dir(out, *_key(spec))
+            if train:
+                train_run(cfg, spec, folder, bar)
+            if evaluate:
+                rows += evaluate_run(cfg, spec, folder, out / "cache", bar)
     if evaluate:
         from .report import write_report  # matplotlib: not needed where --train-only runs
 
@@ -91,72 +151,126 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
     return rows
 
 
-def _finished(cfg: Config, cut_ratio: float, run_dir: Path) -> bool:
-    """Whether run_dir holds a finished run of this cut ratio (an error if of another config).
+NOISY_DATA_AT_ZERO = (
+    "note: noisy-data at c = 0: the client owns no noise level, so its one view per image is "
+    "taken at no noise: the server receives the clean images (everything is disclosed, as "
+    "under shared-noise at c = 0) and trains an ordinary DDPM on them")
+
+
+def _project(cfg: Config, out: Path, plan: list[SweepRun], train: bool, evaluate: bool):
+    """Measure the pace here and project the sweep's remaining wall time (:mod:`.pace`)."""
+    def rounds_left(spec):
+        folder = run_dir(out, *_key(spec))
+        return None if not train or _finished(cfg, spec, folder) else rounds_done(folder)
+
+    return project(plan, lambda spec: run_config(cfg, spec), rounds_left,
+                   lambda spec: evaluated(cfg, spec, run_dir(out, *_key(spec))) is None,
+                   cfg.evaluation if evaluate else None)
+
+
+def _key(spec: SweepRun) -> tuple:
+    return spec.protocol, spec.cut_ratio, spec.seed
+
+
+def _finished(cfg: Config, spec: SweepRun, folder: Path) -> bool:
+    """Whether ``folder`` holds this finished run (an error if a run of another config).
     Where it ran does not matter (run.device is no part of a run's identity)."""
-    if not (run_dir / "summary.json").is_file():
+    if not (folder / "summary.json").is_file():
         return False
-    config_file = run_dir / "config.toml"
-    if load_config(config_file).identity() != cut_config(cfg, cut_ratio).identity():
+    config_file = folder / "config.toml"
+    if load_config(config_file).identity() != run_config(cfg, spec).identity():
         raise ConfigError(f"{config_file}: this finished run was made with another config; "
                           "choose another --out")
     return True
 
 
-def train_cut(cfg: Config, cut_ratio: float, run_dir: Path, progress: bool = True) -> None:
-    """Train one cut ratio, FLOPs and energy metered; keep a finished run, resume a begun one."""
-    cfg_c = cut_config(cfg, cut_ratio)
-    config_file = run_dir / "config.toml"
-    if _finished(cfg, cut_ratio, run_dir):
+def rounds_done(folder: Path) -> int:
+    """Rounds an unfinished run has logged (its checkpoint is at most checkpoint_every
+    rounds behind): for the projection only."""
+    path = folder / METRICS
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1])["round"] if lines else 0
+
+
+def train_run(cfg: Config, spec: SweepRun, folder: Path, bar: SweepBar | None = None) -> None:
+    """Train one run, FLOPs and energy metered; keep a finished run, resume a begun one."""
+    bar = bar or SweepBar(None)
+    if _finished(cfg, spec, folder):
         return
-    _say(progress, f"c={cut_ratio:g}: training in {run_dir}")
-    run_training(cfg_c, run_dir, resume=config_file.is_file(), progress=progress,
-                 meter=CostMeter(energy=cfg.evaluation.energy))
+    bar.describe(f"training {spec.label()}")
+    run_training(run_config(cfg, spec), folder, resume=(folder / "config.toml").is_file(),
+                 progress=False, meter=CostMeter(energy=cfg.evaluation.energy),
+                 on_round=bar.training_round(spec))
+    bar.training_done(spec)
 
 
-def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True) -> list[dict]:
-    """One row per client of a trained cut ratio (cached in ``evaluation.json``)."""
-    key = {"evaluation": asdict(cfg.evaluation), "sample_seed": cfg.sample.seed}
-    saved = run_dir / EVALUATION
+def evaluation_key(cfg: Config, spec: SweepRun) -> dict:
+    """What a run's evaluation depends on besides the run: stored beside its rows."""
+    return {"evaluation": asdict(cfg.evaluation), "sample_seed": cfg.sample.seed,
+            "seed": spec.seed}
+
+
+def evaluated(cfg: Config, spec: SweepRun, folder: Path) -> list[dict] | None:
+    """The run's stored rows when they were evaluated under this config, else None."""
+    saved = folder / EVALUATION
     if saved.is_file():
         stored = json.loads(saved.read_text())
-        if stored["key"] == key:
+        if stored["key"] == evaluation_key(cfg, spec):
             return stored["rows"]
-    ev = cfg.evaluation
-    run = load_run(run_dir, device=cfg.run.device)
+    return None
+
+
+def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
+                 bar: SweepBar | None = None) -> list[dict]:
+    """One row per client of a trained run (cached in ``evaluation.json``)."""
+    bar = bar or SweepBar(None)
+    rows = evaluated(cfg, spec, folder)
+    if rows is not None:
+        return rows
+    ev, seed = cfg.evaluation, spec.seed
+    run = load_run(folder, device=cfg.run.device)
     device = str(run.server.device)
-    training = json.loads((run_dir / "summary.json").read_text())["costs"]
+    training = json.loads((folder / "summary.json").read_text())["costs"]
     server_train = totals(training, SERVER, TRAINING_PHASES)
-    holdout = _features(_subset(run.holdout.images, ev.max_real_images, cfg.run.seed), cache,
-                        progress, device)
+    inner = False  # the sweep's one bar, not one per feature set
+    holdout = _features(_subset(run.holdout.images, ev.max_real_images, seed), cache, inner,
+                        device)
     rows = []
     for i, (cid, client) in enumerate(run.clients.items()):
-        _say(progress, f"c={run.cfg.diffusion.cut_ratio:g}: evaluating client {cid}")
+        bar.describe(f"evaluating {spec.label()} client {cid}")
         meter = CostMeter(energy=ev.energy)
         for party in (run, run.server, client):
             party.meter = meter
         labels = run.labels_for(ev.num_samples)  # every class in turn, for a conditional run
-        images, handover = _generate(run, cid, ev.num_samples, cfg.sample.seed + 1000 * i, labels)
-        real = client.images
-        real_feats = _features(_subset(to_uint8(real), ev.max_real_images, cfg.run.seed),
-                               cache, progress, device)
-        gen_feats = _features(to_uint8(images), cache, progress, device)
-        handover_feats = _features(to_uint8(handover.clamp(-1.0, 1.0)), cache, progress, device)
+        images, handover = _generate(run, cid, ev.num_samples,
+                                     cfg.sample.seed + CLIENT_STRIDE * i + SEED_STRIDE * seed,
+                                     labels)
+        real = client.images  # the client's training images, in [-1, 1]
+        held = run.client_holdout.get(cid)  # its held-out patients (None without any)
+        real_feats = _features(_subset(to_uint8(real), ev.max_real_images, seed), cache,
+                               inner, device)
+        gen_feats = _features(to_uint8(images), cache, inner, device)
+        handover_feats = _features(to_uint8(handover.clamp(-1.0, 1.0)), cache, inner, device)
         kid_args = {"num_subsets": ev.kid_subsets, "subset_size": ev.kid_subset_size,
-                    "seed": cfg.run.seed}
+                    "seed": seed}
         kid_train = kid(gen_feats, real_feats, **kid_args)
         kid_holdout = kid(gen_feats, holdout, **kid_args)
         # With fewer generated images than a subset, every subset holds all of them and the std
         # above says nothing about sampling; the bootstrap interval does.
-        train_ci = kid_bootstrap_interval(gen_feats, real_feats, seed=cfg.run.seed)
-        holdout_ci = kid_bootstrap_interval(gen_feats, holdout, seed=cfg.run.seed)
+        train_ci = kid_bootstrap_interval(gen_feats, real_feats, seed=seed)
+        holdout_ci = kid_bootstrap_interval(gen_feats, holdout, seed=seed)
         kid_disclosure = kid(handover_feats, real_feats, **kid_args)
         client_train = totals(training, client_party(cid), TRAINING_PHASES)
         sampled = meter.rows()
         client_sample = totals(sampled, client_party(cid), ("sampling",))
         server_sample = totals(sampled, SERVER, ("sampling",))
+        # One row per client. Columns computed from the samples, the client's training images
+        # and its held-out patients (`images`, `real`, `held`) join it here.
         rows.append({
             "protocol": run.cfg.train.protocol,
+            "seed": run.cfg.run.seed,
             "cut_ratio": run.cfg.diffusion.cut_ratio,
             "cut_index": run.server.cut,
             # the client's own cut and model (the run's unless [clients.<id>] sets them)
@@ -174,7 +288,7 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "kid_holdout_ci_low": holdout_ci[0], "kid_holdout_ci_high": holdout_ci[1],
             "disclosure_mse": mean_pairwise_mse(handover.numpy(), real.numpy()),
             "disclosure_kid": kid_disclosure[0], "disclosure_kid_std": kid_disclosure[1],
-            **copy_disclosure(run, cid, handover, cfg.run.seed),
+            **copy_disclosure(run, cid, handover, seed),
             **_cost_columns("client", client_train),
             **_cost_columns("server", server_train),
             "client_flop_share": _share(client_train["flops"], server_train["flops"],
@@ -187,10 +301,12 @@ def evaluate_cut(cfg: Config, run_dir: Path, cache: Path, progress: bool = True)
             "server_sampling_energy_kwh": server_sample["energy_kwh"],
             "sampling_bytes": server_sample["bytes_sent"],
             "energy_is_estimate": meter.energy_is_estimate,
-            **_per_class_kid(run, client, images, labels, cache, progress, device, kid_args),
+            **_per_class_kid(run, client, images, labels, cache, inner, device, kid_args),
         })
-    _save_trajectory(run, run_dir / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
-    write_text(saved, json.dumps({"key": key, "rows": rows}, indent=2))
+    _save_trajectory(run, folder / TRAJECTORY, ev.trajectory_steps, cfg.sample.seed)
+    write_text(folder / EVALUATION, json.dumps({"key": evaluation_key(cfg, spec), "rows": rows},
+                                               indent=2))
+    bar.evaluation_done(spec)
     return rows
 
 
@@ -329,8 +445,3 @@ def write_results(out: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_text(out / f"{RESULTS}.csv", buffer.getvalue())
-
-
-def _say(progress: bool, line: str) -> None:
-    if progress:
-        print(line, flush=True)
