@@ -3,7 +3,7 @@
     python benchmarks/sampling_steps.py RUN_DIR [--steps 100,50,20,10] [--samplers ddpm,ddim]
         [--num-samples 100]
 
-For a trained run (e.g. ``runs/sweep-cpu/c=0.6`` of ``collafuse sweep configs/sweep.toml``)
+For a trained run (e.g. ``runs/sweep-cpu/shared-noise/c=0.6-seed=0`` of ``collafuse sweep``)
 each sampler and number of calls N generates ``--num-samples`` images per client, split at the
 run's cut as always (``collafuse.diffusion.sampling_plan``: the server's calls over [s, T), the
 client's over [0, s)), and prints the wall seconds per image (server and client together, one

@@ -211,4 +211,4 @@ def test_training_runs_with_only_torch_diffusers_and_numpy(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "r/samples/DU.png").is_file()
-    assert (tmp_path / "s/c=0.5/summary.json").is_file()
+    assert (tmp_path / "s/shared-noise/c=0.5-seed=0/summary.json").is_file()

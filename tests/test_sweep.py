@@ -129,6 +129,21 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
     assert "What hiding the noise costs" in report and "| 0.5 | 0, 1 |" in report
 
 
+def test_each_training_seed_is_its_own_run(tmp_path):
+    """Seeds 0 and 1 of one (protocol, c): two folders, each with its run.seed, different
+    initial weights and training draws (so different losses), the same recipe otherwise."""
+    cfg = _sweep_config(**{"sweep.cut_ratios": "[0.5]", "sweep.seeds": "[0, 1]"})
+    run_sweep(cfg, tmp_path, progress=False, evaluate=False)
+    folders = [run_dir(tmp_path, "shared-noise", 0.5, k) for k in (0, 1)]
+    configs = [load_config(f / "config.toml") for f in folders]
+    assert [c.run.seed for c in configs] == [0, 1]
+    configs[1].run.seed = 0
+    assert configs[0].identity() == configs[1].identity()
+    logs = [(f / "metrics.jsonl").read_text() for f in folders]
+    assert logs[0] != logs[1]
+    assert (folders[0] / "checkpoint.pt").read_bytes() != (folders[1] / "checkpoint.pt").read_bytes()
+
+
 @pytest.mark.parametrize("path", ["configs/sweep.toml", "configs/paper.toml"])
 def test_shipped_sweep_configs_load(path):
     from conftest import REPO

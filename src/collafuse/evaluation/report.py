@@ -256,7 +256,7 @@ def render(rows: list[dict], out: Path) -> str:
         ("Each verdict is computed from the intervals (rules: docs/sweep.md): **holds**, "
          "**contradicted**, or **not resolved** at this power."),
         *findings(main),
-        f"## KID over training seeds ({protocol})",
+        "## KID over training seeds, per protocol",
         *[kid_seed_table(protocol_rows(rows, p), p) for p in protocols],
         *protocol_cost(rows),
         "## Beyond the paper: copying",

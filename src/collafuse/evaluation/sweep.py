@@ -248,7 +248,6 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
                                      cfg.sample.seed + CLIENT_STRIDE * i + SEED_STRIDE * seed,
                                      labels)
         real = client.images  # the client's training images, in [-1, 1]
-        held = run.client_holdout.get(cid)  # its held-out patients (None without any)
         real_feats = _features(_subset(to_uint8(real), ev.max_real_images, seed), cache,
                                inner, device)
         gen_feats = _features(to_uint8(images), cache, inner, device)
@@ -266,8 +265,9 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
         sampled = meter.rows()
         client_sample = totals(sampled, client_party(cid), ("sampling",))
         server_sample = totals(sampled, SERVER, ("sampling",))
-        # One row per client. Columns computed from the samples, the client's training images
-        # and its held-out patients (`images`, `real`, `held`) join it here.
+        # One row per client. Columns computed from its samples (`images`), its training
+        # images (`real`) and its held-out patients (`run.client_holdout.get(cid)`, an ImageSet
+        # or None) join it here, as copy_disclosure's do.
         rows.append({
             "protocol": run.cfg.train.protocol,
             "seed": run.cfg.run.seed,
