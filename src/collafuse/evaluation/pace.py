@@ -188,7 +188,8 @@ class SweepBar:
     def _credit(self, key, seconds: float) -> None:
         if self._bar is not None and seconds > 0:
             self._credited[key] = self._credited.get(key, 0.0) + seconds
-            self._bar.update(seconds)
+            # never past the end: the sum of float credits may round above the total
+            self._bar.update(min(seconds, self._bar.total - self._bar.n))
 
     def training_round(self, spec):
         """A run_training on_round callback that credits one projected round."""
