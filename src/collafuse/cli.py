@@ -111,8 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_device(audit, "each run's run.device")
     audit.set_defaults(func=_audit)
 
-    sweep = commands.add_parser("sweep", help="train and evaluate every cut ratio: KID, "
-                                "disclosure, cost, figures, report.md")
+    sweep = commands.add_parser("sweep", help="train and evaluate every protocol, cut ratio "
+                                "and training seed: KID, disclosure, cost, figures, report.md "
+                                "with verdicts from intervals over seeds")
     sweep.add_argument("config", type=Path, help="TOML config, e.g. configs/sweep.toml")
     _add_overrides(sweep)
     sweep.add_argument("--out", type=Path, help="sweep folder (default runs/<run.name>-sweep); "
