@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
                        "runs in --out, trained here or elsewhere; train nothing")
     sweep.set_defaults(func=_sweep)
 
+    export = commands.add_parser("export", help="a trained run as diffusers models (safetensors), "
+                                 "a chain file and a model card, for collafuse.pipeline")
+    export.add_argument("run_dir", type=Path, help="a run folder (collafuse train, or a Flower "
+                        "server's run-dir: its server part)")
+    export.add_argument("out", type=Path, help="a new or empty folder")
+    export.set_defaults(func=_export)
+
     data = commands.add_parser("data", help="prepare and inspect data sets")
     data_commands = data.add_subparsers(required=True, metavar="ACTION")
     prepare = data_commands.add_parser("prepare", help="load any supported source, resize, "
@@ -223,6 +230,16 @@ def _sweep(args) -> None:
         print(f"sweep folder: {out} (trained; evaluate with --evaluate-only)")
     else:
         print(f"sweep folder: {out} (results.csv, results.json, report.md)")
+
+
+def _export(args) -> None:
+    from .export import export_run
+
+    info = export_run(args.run_dir, args.out)
+    with_models = [cid for cid, c in info["clients"].items() if c["exported"]]
+    print(f"exported {args.run_dir} to {args.out}: server"
+          + (f", clients {', '.join(with_models)}" if with_models else " only (no client models)")
+          + f"; model card {args.out / 'README.md'}")
 
 
 def _data_prepare(args) -> None:

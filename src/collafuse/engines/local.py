@@ -97,17 +97,8 @@ class Run:
     def labels_for(self, num_samples: int, label: str = "") -> torch.Tensor | None:
         """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every class
         of model.classes in equal blocks, in order; None for an unconditional run."""
-        classes = self.cfg.model.classes
-        if self.cfg.model.condition == "none":
-            if label:
-                raise ValueError(f"--label {label!r}: this run's model is unconditional "
-                                 "(model.condition = 'none')")
-            return None
-        if label and label not in classes:
-            raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
-        if label:
-            return torch.full((num_samples,), classes.index(label), dtype=torch.long)
-        return torch.arange(num_samples) * len(classes) // num_samples
+        return class_labels(self.cfg.model.classes, self.cfg.model.condition != "none",
+                            num_samples, label)
 
     def _count(self, sender: str, receiver: str, nbytes: int, phase: str) -> None:
         self.meter.add_bytes(sender, sent=nbytes, phase=phase)
@@ -139,6 +130,22 @@ class Run:
         """Whether every party's random streams continued from the loaded state (they do not
         when it was saved on another kind of device: weights load anywhere, streams do not)."""
         return all(p.resumable for p in [self.server, *self.clients.values()])
+
+
+def class_labels(classes: list[str], conditional: bool, num_samples: int,
+                 label: str = "") -> torch.Tensor | None:
+    """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every one of
+    ``classes`` in equal blocks, in order; None for an unconditional model."""
+    if not conditional:
+        if label:
+            raise ValueError(f"--label {label!r}: this run's model is unconditional "
+                             "(model.condition = 'none')")
+        return None
+    if label and label not in classes:
+        raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
+    if label:
+        return torch.full((num_samples,), classes.index(label), dtype=torch.long)
+    return torch.arange(num_samples) * len(classes) // num_samples
 
 
 def read_losses(lines: list[dict]) -> list[dict]:
