@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         print(f"collafuse: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except ImportError as err:  # a package missing here; the messages of ours name the install
+        print(f"collafuse: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug, not bad input: still one line, the traceback on request
         if os.environ.get("COLLAFUSE_TRACEBACK"):
             raise
@@ -77,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="collafuse", description="CollaFuse: split diffusion training and inference across "
         "clients and a shared server, its evaluation, privacy audit and data tools.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"collafuse {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train and sample one cut ratio")
