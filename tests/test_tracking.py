@@ -24,13 +24,18 @@ def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
 
 def test_in_process_run_tracks_every_party_and_samples(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.sample_every": 2, "train.steps": 5, "train.log_every": 1})
-    run_training(cfg, tmp_path / "r", progress=False, stop_after_round=3)
+    run_training(cfg, tmp_path / "r", progress=False, stop_after_round=2)
+    saved = (tmp_path / "r/checkpoint.pt").read_bytes()
+    run_training(cfg, tmp_path / "r", resume=True, progress=False, stop_after_round=3)
+    # a crash after round 3 was logged but before its checkpoint: the resumed run redoes it
+    (tmp_path / "r/checkpoint.pt").write_bytes(saved)
     run = run_training(cfg, tmp_path / "r", resume=True, progress=False)
     acc = events(tmp_path / "r" / EVENTS_DIR)
     lines = [json.loads(x) for x in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     logged = {"loss/server": [x["server_loss"] for x in lines],
               **{f"loss/client:{c}": [x[f"client_loss/{c}"] for x in lines] for c in run.clients}}
     for tag, values in logged.items():  # every round once, resumed or not, as in metrics.jsonl
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5], tag
         assert scalars(acc, tag) == pytest.approx(dict(enumerate(values, 1)), rel=1e-6), tag
     for cid in run.clients:
         assert scalars(acc, f"lr/client:{cid}") == pytest.approx({r: 1e-3 for r in range(1, 6)})

@@ -217,11 +217,11 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
             if checkpoint:
                 log.flush()
                 save_state(run.state_dict(), run_dir / CHECKPOINT)
-            if run.round == stop_after_round:
-                return run
             if cfg.train.sample_every and run.round % cfg.train.sample_every == 0 \
                     and run.round < run.rounds:  # the last round's grid is the final samples'
                 track_samples(run, tracker)
+            if run.round == stop_after_round:
+                return run
         for cid, path in write_samples(run, run_dir).items():
             with np.load(path.with_suffix(".npz")) as saved:
                 tracker.grid(f"samples/{cid}", saved["images"], run.round)
