@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         print(f"collafuse: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except ImportError as err:  # a package missing here; the messages of ours name the install
+        print(f"collafuse: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug, not bad input: still one line, the traceback on request
         if os.environ.get("COLLAFUSE_TRACEBACK"):
             raise
@@ -77,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="collafuse", description="CollaFuse: split diffusion training and inference across "
         "clients and a shared server, its evaluation, privacy audit and data tools.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"collafuse {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train and sample one cut ratio")
@@ -128,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--evaluate-only", action="store_true", help="evaluate the finished "
                        "runs in --out, trained here or elsewhere; train nothing")
     sweep.set_defaults(func=_sweep)
+
+    export = commands.add_parser("export", help="a trained run as diffusers models (safetensors), "
+                                 "a chain file and a model card, for collafuse.pipeline")
+    export.add_argument("run_dir", type=Path, help="a run folder (collafuse train, or a Flower "
+                        "server's run-dir: its server part)")
+    export.add_argument("out", type=Path, help="a new or empty folder")
+    export.set_defaults(func=_export)
 
     data = commands.add_parser("data", help="prepare and inspect data sets")
     data_commands = data.add_subparsers(required=True, metavar="ACTION")
@@ -240,6 +253,16 @@ def _sweep(args) -> None:
         print(f"sweep folder: {out} (trained; evaluate with --evaluate-only)")
     else:
         print(f"sweep folder: {out} (results.csv, results.json, report.md)")
+
+
+def _export(args) -> None:
+    from .export import export_run
+
+    info = export_run(args.run_dir, args.out)
+    with_models = [cid for cid, c in info["clients"].items() if c["exported"]]
+    print(f"exported {args.run_dir} to {args.out}: server"
+          + (f", clients {', '.join(with_models)}" if with_models else " only (no client models)")
+          + f"; model card {args.out / 'README.md'}")
 
 
 def _data_prepare(args) -> None:

@@ -183,11 +183,8 @@ class Client(Party):
                              f"client {self.client_id} uses {self.cut}")
         x = self.place.put(check_images(partial, "x", tuple(self.images.shape[1:])))
         self.check_labels(labels, x.shape[0], f"client {self.client_id}'s sample labels")
-        _, timesteps = sampling_plan(self.cut, self.num_timesteps, partial.steps)
-        with self.meter.measure(self.name, "sampling"):
-            return sample_steps(self.guided_eps(labels, guidance_scale), self.scheduler, x,
-                                timesteps, -1, partial.sampler, self.stream("sample", seed),
-                                on_step)
+        return finish_chain(self, x, partial.sampler, partial.steps, seed, on_step, labels,
+                            guidance_scale)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "order": self.order, "position": self.position}
@@ -196,6 +193,20 @@ class Client(Party):
         super().load_state_dict(state)
         self.order = state["order"]
         self.position = state["position"]
+
+
+@torch.no_grad()
+def finish_chain(party: Party, x: torch.Tensor, sampler: str, steps: int, seed: int,
+                 on_step: StepHook | None = None, labels: torch.Tensor | None = None,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
+    """A client party's half of the chain on a checked hand-over x = x_{s-1}: its steps
+    t = s-1 .. 0 of a ``sampler`` of ``steps`` calls, the noises from its own stream for
+    ``seed`` (:meth:`Party.stream`). Shared by :meth:`Client.finish_samples` and the exported
+    pipeline (:mod:`collafuse.pipeline`), which holds a client's model but not its data."""
+    _, timesteps = sampling_plan(party.cut, party.num_timesteps, steps)
+    with party.meter.measure(party.name, "sampling"):
+        return sample_steps(party.guided_eps(labels, guidance_scale), party.scheduler, x,
+                            timesteps, -1, sampler, party.stream("sample", seed), on_step)
 
 
 def view_noise(secret: bytes, shape: tuple[int, ...]) -> torch.Tensor:

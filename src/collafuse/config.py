@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 # Fields that say where and how a run computes, not what it computes: two configs that differ
 # only here describe the same run (a folder trained on a GPU is sampled or evaluated on a CPU).
-RUNTIME_FIELDS = (("run", "device"), ("train", "log_every"))
+RUNTIME_FIELDS = (("run", "device"), ("train", "log_every"), ("train", "sample_every"))
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -109,6 +109,10 @@ class TrainConfig:
     # rounds between reads of the losses: each read waits for an accelerator to finish its queue;
     # the metrics log still gets a line per round (written at each read and each checkpoint)
     log_every: int = 10
+    # rounds between sample grids in TensorBoard (collafuse.tracking): sample.num_samples per
+    # client at sample.seed, the same draws each time; 0 = the final grid only. Sampling reads
+    # the models and draws from its own streams, so training is the same with or without it
+    sample_every: int = 0
     compile: bool = False  # torch.compile the UNets for training (CUDA; the first steps compile)
 
 
@@ -319,6 +323,8 @@ def _check_values(cfg: Config, source: str) -> None:
          "an integer >= 0 (0: train.batch_size)"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1"),
         (cfg.train.log_every >= 1, "train.log_every", "an integer >= 1"),
+        (cfg.train.sample_every >= 0, "train.sample_every", "an integer >= 0 (0: the final "
+         "grid only)"),
         (DEVICE_PATTERN.fullmatch(cfg.run.device) is not None, "run.device",
          "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)"),

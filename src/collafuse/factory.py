@@ -95,11 +95,33 @@ def _scheduled_lr(lr: float, total: int, schedule: str, warmup: int, step: int) 
     return lr * lr_factor(step, total, schedule, warmup)
 
 
+def server_classes(cfg: Config) -> int:
+    """Classes of the server's model: the config's where it takes labels (condition "both")."""
+    return len(cfg.model.classes) if cfg.model.condition == "both" else 0
+
+
+def client_classes(cfg: Config) -> int:
+    """Classes of a client's model: the config's unless the run is unconditional."""
+    return len(cfg.model.classes) if cfg.model.condition != "none" else 0
+
+
+def server_unet(cfg: Config):
+    """The server's UNet as the run builds it (weights at their fresh initialisation)."""
+    return make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels,
+                     server_classes(cfg))
+
+
+def client_unet(cfg: Config, client_id: str):
+    """Client ``client_id``'s UNet as the run builds it: its own preset where it has one."""
+    return make_unet(cfg.preset(client_id), cfg.data.image_size, cfg.data.channels,
+                     client_classes(cfg))
+
+
 def make_server(cfg: Config, device: str | None = None) -> Server:
     """The server, on ``device`` (default: ``run.device``)."""
     torch.manual_seed(party_seed(cfg, "server:init"))
-    num_classes = len(cfg.model.classes) if cfg.model.condition == "both" else 0
-    model = make_unet(cfg.model.preset, cfg.data.image_size, cfg.data.channels, num_classes)
+    num_classes = server_classes(cfg)
+    model = server_unet(cfg)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     T = cfg.diffusion.num_timesteps
     server = Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
@@ -125,8 +147,8 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
     its own cut ratio and UNet preset where ``[clients.<id>]`` sets them."""
     torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
     m = cfg.model
-    num_classes = len(m.classes) if m.condition != "none" else 0
-    model = make_unet(cfg.preset(client_id), cfg.data.image_size, cfg.data.channels, num_classes)
+    num_classes = client_classes(cfg)
+    model = client_unet(cfg, client_id)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     labels = torch.from_numpy(images.class_indices(m.classes)) if num_classes else None
     client = Client(client_id, to_model(images.images), model, scheduler,

@@ -6,7 +6,8 @@ clients' messages of that index (clients in config order). The Flower engine kee
 this order, so both produce the same models under the same seed.
 
 A run folder (DESIGN.md section 5) holds the resolved config, one checkpoint written
-atomically every ``train.checkpoint_every`` rounds, the metrics log, sample grids and a summary.
+atomically every ``train.checkpoint_every`` rounds, the metrics log, TensorBoard events
+(:mod:`collafuse.tracking`), sample grids and a summary.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..data import save_grid, save_side_by_side, to_uint8
 from ..factory import client_secret, load_client_data, make_client, make_server, total_rounds
 from ..metering import SERVER, WallMeter, client_party, totals
 from ..state import StateError, load_state, save_npz, save_state, write_text
+from ..tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -59,14 +61,17 @@ class Run:
             party.meter = self.meter
         self.rounds = total_rounds(cfg, [len(d) for d in data.clients.values()])
         self.round = 0
+        self.round_bytes: dict[str, int] = {}  # what each client sent the server last round
 
     def train_round(self) -> dict:
         """One round; returns its metrics line with the losses still on the device (0-d
         tensors): :func:`read_losses` turns lines into floats, waiting for the device once."""
         outbox: dict[str, list] = {}
+        self.round_bytes = {}
         for cid, client in self.clients.items():
             outbox[cid] = client.train_round(self.cfg.train.batches_per_round)
-            self._count(client.name, SERVER, sum(m.nbytes for m in outbox[cid]), "training")
+            self.round_bytes[client.name] = sum(m.nbytes for m in outbox[cid])
+            self._count(client.name, SERVER, self.round_bytes[client.name], "training")
         server_losses = [self.server.train_step([outbox[cid][k] for cid in self.clients])
                          for k in range(self.cfg.train.batches_per_round)]
         self.round += 1
@@ -75,6 +80,16 @@ class Run:
             "server_loss": [x for x in server_losses if x is not None],
             **{f"client_loss/{cid}": c.loss for cid, c in self.clients.items()},
         }
+
+    def party_losses(self, line: dict) -> dict[str, float | None]:
+        """A metrics line of :func:`read_losses` keyed by party (``server``, ``client:<id>``)."""
+        return {SERVER: line["server_loss"],
+                **{c.name: line[f"client_loss/{cid}"] for cid, c in self.clients.items()}}
+
+    def learning_rates(self) -> dict[str, float]:
+        """Each party's lr of its last optimiser step (the base lr before the first)."""
+        return {p.name: p.optimizer.param_groups[0]["lr"]
+                for p in [self.server, *self.clients.values()]}
 
     def sample(self, client_id: str, num_samples: int, seed: int, on_step=None,
                labels: torch.Tensor | None = None) -> tuple:
@@ -97,17 +112,8 @@ class Run:
     def labels_for(self, num_samples: int, label: str = "") -> torch.Tensor | None:
         """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every class
         of model.classes in equal blocks, in order; None for an unconditional run."""
-        classes = self.cfg.model.classes
-        if self.cfg.model.condition == "none":
-            if label:
-                raise ValueError(f"--label {label!r}: this run's model is unconditional "
-                                 "(model.condition = 'none')")
-            return None
-        if label and label not in classes:
-            raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
-        if label:
-            return torch.full((num_samples,), classes.index(label), dtype=torch.long)
-        return torch.arange(num_samples) * len(classes) // num_samples
+        return class_labels(self.cfg.model.classes, self.cfg.model.condition != "none",
+                            num_samples, label)
 
     def _count(self, sender: str, receiver: str, nbytes: int, phase: str) -> None:
         self.meter.add_bytes(sender, sent=nbytes, phase=phase)
@@ -139,6 +145,22 @@ class Run:
         """Whether every party's random streams continued from the loaded state (they do not
         when it was saved on another kind of device: weights load anywhere, streams do not)."""
         return all(p.resumable for p in [self.server, *self.clients.values()])
+
+
+def class_labels(classes: list[str], conditional: bool, num_samples: int,
+                 label: str = "") -> torch.Tensor | None:
+    """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every one of
+    ``classes`` in equal blocks, in order; None for an unconditional model."""
+    if not conditional:
+        if label:
+            raise ValueError(f"--label {label!r}: this run's model is unconditional "
+                             "(model.condition = 'none')")
+        return None
+    if label and label not in classes:
+        raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
+    if label:
+        return torch.full((num_samples,), classes.index(label), dtype=torch.long)
+    return torch.arange(num_samples) * len(classes) // num_samples
 
 
 def read_losses(lines: list[dict]) -> list[dict]:
@@ -178,10 +200,12 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
         write_text(run_dir / "config.toml", cfg.to_toml())
     with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
               disable=not progress, unit="round") as bar, \
-            open(run_dir / METRICS, "a") as log:
+            open(run_dir / METRICS, "a") as log, Tracker.of_run(run_dir, run.round) as tracker:
         pending: list[dict] = []  # lines whose losses have not been read from the device yet
         while run.round < run.rounds:
             pending.append(run.train_round())
+            tracker.scalars("lr", run.learning_rates(), run.round)
+            tracker.scalars("bytes", run.round_bytes, run.round)
             bar.update(1)
             if on_round is not None:
                 on_round(run.round)
@@ -191,16 +215,32 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
                 lines = read_losses(pending)
                 pending.clear()
                 log.writelines(json.dumps(line) + "\n" for line in lines)
+                for line in lines:
+                    tracker.scalars("loss", run.party_losses(line), line["round"])
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in lines[-1].items()
                                  if k != "round" and v is not None}, refresh=False)
             if checkpoint:
                 log.flush()
                 save_state(run.state_dict(), run_dir / CHECKPOINT)
+            if cfg.train.sample_every and run.round % cfg.train.sample_every == 0 \
+                    and run.round < run.rounds:  # the last round's grid is the final samples'
+                track_samples(run, tracker)
             if run.round == stop_after_round:
                 return run
-    write_samples(run, run_dir)
+        for cid, path in write_samples(run, run_dir).items():
+            with np.load(path.with_suffix(".npz")) as saved:
+                tracker.grid(f"samples/{cid}", saved["images"], run.round)
     write_summary(run, run_dir)
     return run
+
+
+def track_samples(run: Run, tracker: Tracker) -> None:
+    """A grid per client in TensorBoard: sample.num_samples split samples at sample.seed."""
+    s = run.cfg.sample
+    labels = run.labels_for(s.num_samples, s.label)
+    for cid in run.clients:
+        images, _ = run.sample(cid, s.num_samples, s.seed, labels=labels)
+        tracker.grid(f"samples/{cid}", to_uint8(images), run.round)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:

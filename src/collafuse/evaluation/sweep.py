@@ -43,6 +43,7 @@ from ..engines.local import METRICS, load_run, run_training
 from ..metering import SERVER, client_party, totals
 from ..privacy.attacks import tweedie_from_view
 from ..state import save_npz, write_text
+from ..tracking import log_sweep_rows
 from .costs import CostMeter
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
@@ -147,6 +148,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
         from .report import write_report  # matplotlib: not needed where --train-only runs
 
         write_results(out, rows)
+        log_sweep_rows(out, rows)  # TensorBoard (collafuse.tracking)
         write_report(out)
     return rows
 

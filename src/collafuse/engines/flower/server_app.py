@@ -321,6 +321,7 @@ def save(server, progress: dict, run_dir: Path) -> None:
 
 def train(grid: Grid, context: Context) -> dict:
     from ...factory import make_server, total_rounds
+    from ...tracking import Tracker
 
     cfg = load_run_config(context)
     cfg_text = cfg.to_toml()
@@ -342,7 +343,8 @@ def train(grid: Grid, context: Context) -> dict:
         return Exchange(grid, "train", contents, settings.round_timeout, str(rnd)), clients
 
     inflight = ask(progress["round"] + 1) if progress["round"] < rounds else None
-    with open(settings.run_dir / METRICS, "a") as log:
+    with open(settings.run_dir / METRICS, "a") as log, \
+            Tracker.of_run(settings.run_dir, progress["round"]) as tracker:
         while progress["round"] < rounds:
             rnd = progress["round"] + 1
             start = time.perf_counter()
@@ -377,9 +379,33 @@ def train(grid: Grid, context: Context) -> dict:
                     "seconds": time.perf_counter() - start}
             log.write(json.dumps(line) + "\n")
             log.flush()
+            track_round(tracker, server, line, rounds, cfg)
             info("round %d/%d: %d/%d clients, server loss %s, %.1fs", rnd, rounds, len(answered),
                  len(clients), line["server_loss"], line["seconds"])
     return finish(grid, server, roster, cfg, settings, progress)
+
+
+def track_round(tracker, server, line: dict, rounds: int, cfg) -> None:
+    """TensorBoard (collafuse.tracking): the round's losses (the clients' as they reported
+    them), the server's lr, each client's bytes; every train.sample_every rounds and at the end
+    the server's own hand-overs, one grid per cut (the finished images stay on the nodes)."""
+    from ...data import to_uint8
+    from ...messages import SampleRequest
+    from ...metering import SERVER, client_party
+
+    rnd = line["round"]
+    tracker.scalars("loss", {SERVER: line["server_loss"], **{
+        client_party(c): v for c, v in line["client_loss"].items()}}, rnd)
+    tracker.scalars("lr", {SERVER: server.optimizer.param_groups[0]["lr"]}, rnd)
+    tracker.scalars("bytes", {client_party(c): n for c, n in line["bytes"].items()}, rnd)
+    every = cfg.train.sample_every
+    if not (rnd == rounds or (every and rnd % every == 0)):
+        return
+    s = cfg.sample
+    for cut, cid in sorted({server.cut_of(c): c for c in line["clients"]}.items()):
+        partial = server.generate(SampleRequest(client_id=cid, num_samples=s.num_samples,
+                                                seed=s.seed, sampler=s.sampler, steps=s.steps))
+        tracker.grid(f"handover/s={cut}", to_uint8(partial.x.clamp(-1, 1)), rnd)
 
 
 def finish(grid: Grid, server, roster: Roster, cfg, settings: Settings, progress: dict) -> dict:
