@@ -23,6 +23,8 @@ leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +36,7 @@ from .engines.flower.server_app import RESULT as FLOWER_RESULT, SERVER_STATE
 from .engines.local import CHECKPOINT
 from .factory import client_classes, client_unet, party_seed, server_classes, server_unet
 from .pipeline import CLIENTS_DIR, EXPORT_FORMAT, INFO_FILE, SCHEDULER_DIR, SERVER_DIR
-from .state import StateError, load_state, write_text
+from .state import StateError, load_state
 
 QUALITY = "quality.json"  # written into a run folder by benchmarks/quality.py
 SWEEP_RESULTS = "results.json"  # written into a sweep folder by evaluation/sweep.py
@@ -95,6 +97,9 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
         server_state = state["server"]
         client_states = state["clients"] if kind == "in-process" else {}
         rounds = state["round"] if kind == "in-process" else state["progress"]["round"]
+        planned = (state["progress"].get("rounds") if kind == "flower" else
+                   None if cfg.train.epochs else math.ceil(cfg.train.steps
+                                                           / cfg.train.batches_per_round))
     except (KeyError, TypeError):
         raise StateError(f"{run_dir}: its state file holds no CollaFuse run state") from None
     client_ids = list(client_states) or _flower_clients(run_dir, cfg)
@@ -108,9 +113,11 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
         prediction = "v_prediction" if cfg.model.prediction == "v" else "epsilon"
         type(scheduler).from_config(scheduler.config, prediction_type=prediction) \
             .save_pretrained(tmp / SCHEDULER_DIR)
-        info = chain_info(cfg, kind, rounds, weights, client_ids, set(client_states))
-        write_text(tmp / INFO_FILE, json.dumps(info, indent=2) + "\n")
-        write_text(tmp / "README.md", model_card(cfg, info, run_dir))
+        info = chain_info(cfg, kind, (rounds, planned), weights, client_ids, set(client_states))
+        # plain writes: the whole folder is renamed into place at once
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(cfg, info, run_dir))
+        _shareable(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
@@ -118,6 +125,15 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp)
     return info
+
+
+def _shareable(folder: Path) -> None:
+    """The modes a plain folder and files get under the user's umask: an export is for
+    sharing, unlike the owner-only temporary files it is written through."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_unet(unet, party_state: dict, folder: Path) -> str:
@@ -139,16 +155,18 @@ def _flower_clients(run_dir: Path, cfg: Config) -> list[str]:
     return list(cfg.data.clients) if cfg.data.partition == "site" else []
 
 
-def chain_info(cfg: Config, kind: str, rounds: int, weights: str, client_ids: list[str],
-               exported: set[str]) -> dict:
-    """collafuse.json: everything the pipeline needs to chain the exported models."""
+def chain_info(cfg: Config, kind: str, rounds: tuple[int, int | None], weights: str,
+               client_ids: list[str], exported: set[str]) -> dict:
+    """collafuse.json: everything the pipeline needs to chain the exported models, and the
+    rounds trained of those planned (None: not known from the config alone)."""
     T = cfg.diffusion.num_timesteps
     s = cfg.sample
     return {
         "format": EXPORT_FORMAT,
         "collafuse_version": __version__,
         "engine": kind,
-        "rounds": rounds,
+        "rounds": rounds[0],
+        "rounds_planned": rounds[1],
         "num_timesteps": T,
         "beta_schedule": make_scheduler(T).config.beta_schedule,
         "image_shape": [cfg.data.channels, cfg.data.image_size, cfg.data.image_size],
@@ -219,7 +237,10 @@ def model_card(cfg: Config, info: dict, run_dir: Path) -> str:
         "",
         "## Training",
         "",
-        f"{info['rounds']} rounds on the {info['engine']} engine; batch {cfg.train.batch_size} "
+        f"{info['rounds']} rounds on the {info['engine']} engine"
+        + (f" (stopped before the {info['rounds_planned']} planned: the weights of its last "
+           "checkpoint)" if (info["rounds_planned"] or 0) > info["rounds"] else "")
+        + f"; batch {cfg.train.batch_size} "
         f"images per client, Adam lr {cfg.train.lr:g} ({cfg.train.lr_schedule}), "
         f"{cfg.train.local_steps} client step(s) per batch, loss weighting "
         f"{cfg.train.loss_weighting}, run seed {cfg.run.seed}. The run's config is the "
@@ -269,8 +290,10 @@ def _data_lines(cfg: Config, run_dir: Path) -> list[str]:
              else f"{d.num_clients} clients, partition {d.partition!r}")
     held = (f"hospitals {', '.join(d.holdout_sites)}" if d.holdout_sites
             else f"{d.holdout_fraction:g} of the patients")
+    own = (f"; and a seeded {d.client_holdout_fraction:g} of each client's own patients"
+           if d.client_holdout_fraction else "")
     lines = [f"`{Path(d.path).name}`, {d.image_size}x{d.image_size}, {split}; held out for "
-             f"evaluation (never trained on): {held}."]
+             f"evaluation (never trained on): {held}{own}."]
     if counts:
         lines.append("Training images per client: " + ", ".join(
             f"{cid} {n}" for cid, n in counts.items()) + ".")
