@@ -148,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(inspect)
     inspect.add_argument("--preview", type=Path, help="write a PNG grid of 64 images here")
     inspect.set_defaults(func=_data_inspect)
+
+    flower = commands.add_parser("flower", help="a Flower deployment's server-side records")
+    flower_commands = flower.add_subparsers(required=True, metavar="ACTION")
+    nodes = flower_commands.add_parser("nodes", help="which registered name each Flower node id "
+                                       "is bound to, and the client it serves")
+    nodes.add_argument("run_dir", type=Path, help="the ServerApp's run-dir (run config run-dir)")
+    nodes.set_defaults(func=_flower_nodes)
     return parser
 
 
@@ -223,6 +230,25 @@ def _sweep(args) -> None:
         print(f"sweep folder: {out} (trained; evaluate with --evaluate-only)")
     else:
         print(f"sweep folder: {out} (results.csv, results.json, report.md)")
+
+
+def _flower_nodes(args) -> None:
+    import json
+
+    from .engines.flower.server_app import NODES
+
+    path = args.run_dir / NODES
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (the ServerApp writes it into its run-dir once a "
+                         "node has answered its hello)")
+    record = json.loads(path.read_text())
+    rows = [("node id", "registered name", "client", "since", "refused")]
+    rows += [(str(e["node-id"]), e["registered-name"] or "-", e["client"] or "-", e["since"],
+              e["refused"] or "") for e in record["nodes"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"{path} (identity: {record['identity']})")
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
 
 
 def _data_prepare(args) -> None:

@@ -21,7 +21,7 @@ Message types handled (each checks the request and the node's policy before anyt
 - ``train``: build or load the Client; ``Client.train_round(K)``; save state and reply; reply
   the K encoded messages and the client's loss.
 - ``query.sample``: the server's ``PartialSamples`` -> ``Client.finish_samples`` -> PNG grid
-  and npz under ``out-dir`` on the node's disk; only file names and the count go back.
+  and npz under ``out-dir`` on the node's disk; only the file names and the count go back.
 
 ``node_config`` (``flower-supernode --node-config``, docs/deployment.md): ``client-id``,
 ``data-path``, ``state-dir``, optional ``out-dir`` and ``device``, and the hospital's policy:
@@ -346,6 +346,7 @@ def sample(msg: Message, context: Context) -> Message:
     images = client.finish_samples(partial, meta["seed"]).cpu()
     png, npz = save_samples(node.out_dir, node.client_id, images, partial.x)
     info("sample: client %s wrote %d images to %s", node.client_id, len(images), node.out_dir)
-    return Message(content=transport.pack([], {"client-id": node.client_id, "png": str(png),
-                                               "npz": str(npz), "num-images": len(images)}),
+    # file names only: where the node keeps its files is none of the server's business
+    return Message(content=transport.pack([], {"client-id": node.client_id, "png": png.name,
+                                               "npz": npz.name, "num-images": len(images)}),
                    reply_to=msg)
