@@ -9,6 +9,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from .choices import CHANNELS, SAMPLERS
 from .config import load_config
 
 # Bad input, reported as "collafuse: error: <one line>" with exit status 2: our own errors
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, help="per client")
     sample.add_argument("--seed", type=int)
     sample.add_argument("--out", type=Path, help="folder for the grids (default RUN_DIR)")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"),
+    sample.add_argument("--sampler", choices=SAMPLERS,
                         help="default: the run's sample.sampler")
     sample.add_argument("--steps", type=int, help="model calls per sample, server and client "
                         "together (0 = all T; default: the run's sample.steps)")
@@ -133,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("output", type=Path, help="the .npz to write")
     prepare.add_argument("--size", type=int, default=32, help="square side in pixels (center crop, "
                          "then resize)")
-    prepare.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    prepare.add_argument("--channels", type=int, default=1, choices=CHANNELS)
     _add_layout(prepare)
     prepare.set_defaults(func=_data_prepare)
     inspect = data_commands.add_parser("inspect", help="what was found: sizes, layout, counts per "
@@ -142,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--size", type=int, help="resize to this square side for the statistics "
                          f"and the preview (default: the images' own size; {PREVIEW_SIZE} when "
                          "they differ)")
-    inspect.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    inspect.add_argument("--channels", type=int, default=1, choices=CHANNELS)
     _add_layout(inspect)
     inspect.add_argument("--config", type=Path, help="also show how the config partitions SOURCE")
     _add_overrides(inspect)

@@ -47,6 +47,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from . import transport
+from ...choices import PROTOCOLS
 from ...state import write_text
 from .common import code_digest, info, node_setting
 
@@ -56,7 +57,6 @@ STATE_FILE = "client.pt"
 CONFIG_FILE = "config.toml"
 IMAGES_CACHE, IMAGES_KEY = "images.npz", "images.json"
 KEEP_REPLIES = 2  # a pipelining server may re-ask the round before the last after a crash
-PROTOCOLS = ("shared-noise", "noisy-data")
 MAX_SAMPLE_IMAGES = 4096
 MAX_SAMPLE_BYTES = 2**30  # one hand-over array
 
