@@ -400,9 +400,10 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
     honest = [int(m.group(1)) for m in re.finditer(
         r"POST /v1/fleet/push-[a-z]+ 200 content-length=(\d+)", gateway_log)]
     assert honest and max(honest) < 8 * 2**20, gateway_log[-2000:]
-    print(f"gateway: {len(honest)} honest pushes, largest body {max(honest)} bytes; "
-          f"{attack.reopened} idle connections reopened; gateway RSS {attack.base_rss_kb} kB, "
-          f"at most {attack.max_rss_kb} kB under attack")
+    with capsys.disabled():  # the figures docs/deployment.md quotes
+        print(f"gateway: {len(honest)} honest pushes, largest body {max(honest)} bytes; "
+              f"{attack.reopened} idle connections reopened; gateway RSS {attack.base_rss_kb} kB, "
+              f"at most {attack.max_rss_kb} kB under attack")
     assert "registered as 'FG', claims client 'HT': refused" in res.stdout
     result = json.loads((run_dir / "flower-result.json").read_text())
     assert result["rounds"] == 1 and result["clients"] == ["DU", "HT", "FG"]
