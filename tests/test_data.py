@@ -476,9 +476,12 @@ def test_dirichlet_by_chooses_what_is_skewed():
         # the clients differ in the chosen field; the other stays mixed as in the data (1:1)
         assert _spread(by_label, "label", "x") > 0.4 and _spread(by_label, "site", "A") < 0.15
         assert _spread(by_site, "site", "A") > 0.4 and _spread(by_site, "label", "x") < 0.15
-    with pytest.raises(DataError, match="by='dirichlet' over label: needs a label per image"):
+    with pytest.raises(DataError, match="data has no labels; skew over its sites with "
+                                         "dirichlet_by='site'"):
         partition(ImageSet(images.images, {"site": images.meta["site"]}), "dirichlet", 2, seed=0,
                   dirichlet_by="label")
+    with pytest.raises(DataError, match="by='dirichlet' over site: needs a site per image"):
+        partition(ImageSet(images.images), "dirichlet", 2, seed=0, dirichlet_by="site")
     with pytest.raises(DataError, match="dirichlet_by='hospital'"):
         partition(images, "dirichlet", 2, seed=0, dirichlet_by="hospital")
 

@@ -51,6 +51,11 @@ def partition(
                                 else "label")
         if skew not in DIRICHLET_BY:
             raise DataError(f"partition: dirichlet_by={skew!r}; expected {expected(DIRICHLET_BY)}")
+        other = next(f for f in DIRICHLET_BY if f != skew)
+        if skew not in images.meta and other in images.meta:
+            raise DataError(f"partition: by='dirichlet' skews over each image's {skew}, but the "
+                            f"data has no {skew}s; skew over its {other}s with "
+                            f"dirichlet_by={other!r} (data.dirichlet_by)")
         groups = _by_dirichlet(_field(images, skew, f"partition: by='dirichlet' over {skew}"),
                                k, alpha, rng, max(1, min_images))
     for i, g in enumerate(groups):
