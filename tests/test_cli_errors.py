@@ -17,6 +17,7 @@ from conftest import DEFAULT_DATA, REPO
 TINY_RUN = [  # the tiny preset on an image folder: trains in a few seconds
     "model.preset=tiny", "data.image_size=16", "diffusion.num_timesteps=10", "train.steps=2",
     "train.batch_size=4", "sample.num_samples=2", "data.partition=iid", "data.holdout_sites=[]",
+    "data.min_images_per_client=2",  # the folder holds 18 images for 3 clients
 ]
 
 
@@ -181,7 +182,8 @@ def test_train_on_an_image_folder(holdout, tmp_path, capsys):
 def test_config_layout_reaches_the_loader(tmp_path, capsys):
     folder = mri_folder(tmp_path / "mri")
     argv = ["data", "inspect", str(folder), "--size", "16", "--config", QUICKSTART,
-            *sets("data.layout=site", 'data.clients=["glioma", "no_tumor"]', "data.holdout_sites=[]")]
+            *sets("data.layout=site", 'data.clients=["glioma", "no_tumor"]', "data.holdout_sites=[]",
+                  "data.min_images_per_client=2")]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "client glioma: " in out and "client no_tumor: " in out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from collafuse.cli import main
-from collafuse import config, models
+from collafuse import choices, config, models
 from collafuse.config import ConfigError, load_config
 
 from conftest import REPO, tiny_overrides
@@ -21,7 +21,55 @@ def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert load_config(None, []).to_dict().keys() == cfg.to_dict().keys()
     assert cfg.model.preset in models.PRESETS
-    assert set(config.PRESETS) == set(models.PRESETS)  # the config's own list of names
+    assert config.PRESETS is models.PRESETS is choices.PRESETS  # one list of names
+
+
+# every list of names a config field may take, with the field it belongs to
+NAME_LISTS = {"train.protocol": choices.PROTOCOLS, "sample.sampler": choices.SAMPLERS,
+              "model.prediction": choices.PREDICTIONS, "train.loss_weighting": choices.LOSS_WEIGHTINGS,
+              "train.lr_schedule": choices.LR_SCHEDULES, "model.condition": choices.CONDITIONS,
+              "data.intensity": choices.INTENSITIES, "data.partition": choices.PARTITIONS,
+              "data.dirichlet_by": choices.DIRICHLET_BY, "model.preset": tuple(choices.PRESETS)}
+
+
+def test_each_name_list_is_written_once():
+    """No module but collafuse/choices.py spells out a list of names (as a tuple, in either
+    quoting, or as the "a, b or c" of an error message), nor defines a preset, so the config
+    checks, the CLI, the parties and the Flower node cannot drift apart. (data.dirichlet_by's
+    "site", "label" are left out: other code names those two image fields together.)"""
+    sources = {p: p.read_text() for p in (REPO / "src" / "collafuse").rglob("*.py")
+               if p.name != "choices.py"}
+    for field, names in NAME_LISTS.items():
+        if field == "data.dirichlet_by":
+            continue
+        spelled = [", ".join(f'"{n}"' for n in names), ", ".join(f"'{n}'" for n in names),
+                   choices.expected(names)]
+        for text in spelled:
+            found = [p.name for p, source in sources.items() if text in source]
+            assert not found, f"{field}: {text} written again in {found}"
+    found = [p.name for p, source in sources.items() if "Preset(" in source]
+    assert not found, f"a preset defined outside choices.py, in {found}"
+
+
+@pytest.mark.parametrize("field", sorted(NAME_LISTS))
+def test_every_named_field_is_checked_when_the_config_loads(field):
+    names = NAME_LISTS[field]
+    for name in names:  # every name is accepted (classes for a conditional model)
+        extra = ['model.classes=["a", "b"]'] if field == "model.condition" else []
+        assert config._get(load_config(None, [f"{field}={name}", *extra]), field) == name
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{field}=nonsense"])
+    assert str(err.value) == f"config: {field}: expected {choices.expected(names)}, got 'nonsense'"
+
+
+def test_cli_and_node_read_the_same_lists():
+    from collafuse.cli import _parser
+    from collafuse.engines.flower.client_app import Policy
+
+    sample = _parser()._subparsers._group_actions[0].choices["sample"]
+    sampler = next(a for a in sample._actions if a.dest == "sampler")
+    assert tuple(sampler.choices) == choices.SAMPLERS
+    assert Policy.of({}).protocols == choices.PROTOCOLS
 
 
 @pytest.mark.parametrize("preset", sorted(models.PRESETS))

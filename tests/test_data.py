@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from collafuse.config import ConfigError, load_config
+from collafuse.factory import load_client_data
 from collafuse.data import (
     DataError,
     DataWarning,
@@ -447,3 +448,79 @@ def test_npz_with_object_array(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4), np.uint8), site=np.array(["A", None], dtype=object))
     with pytest.raises(DataError, match="x.npz: not a readable .npz without pickled objects"):
         load_images(tmp_path / "x.npz")
+
+
+# --- partitions a user can trust ---------------------------------------------------------------
+
+
+def _sites_and_labels(n_per: int = 60) -> ImageSet:
+    """Two sites crossed with two labels, n_per images each: site and label independent."""
+    site = np.repeat(np.array(["A", "B", "A", "B"]), n_per)
+    label = np.repeat(np.array(["x", "x", "y", "y"]), n_per)
+    images = np.arange(4 * n_per, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2)
+    return ImageSet(images, {"site": site, "label": label, "patient": np.arange(4 * n_per).astype(str)})
+
+
+def _spread(parts: dict, field: str, value: str) -> float:
+    shares = [np.mean(p.meta[field] == value) for p in parts.values()]
+    return max(shares) - min(shares)
+
+
+def test_dirichlet_by_chooses_what_is_skewed():
+    images = _sites_and_labels(500)
+    for seed in range(3):
+        by_label = partition(images, "dirichlet", 3, seed=seed, alpha=0.3, dirichlet_by="label",
+                             min_images=100)
+        by_site = partition(images, "dirichlet", 3, seed=seed, alpha=0.3, dirichlet_by="site",
+                            min_images=100)
+        # the clients differ in the chosen field; the other stays mixed as in the data (1:1)
+        assert _spread(by_label, "label", "x") > 0.4 and _spread(by_label, "site", "A") < 0.15
+        assert _spread(by_site, "site", "A") > 0.4 and _spread(by_site, "label", "x") < 0.15
+    with pytest.raises(DataError, match="data has no labels; skew over its sites with "
+                                         "dirichlet_by='site'"):
+        partition(ImageSet(images.images, {"site": images.meta["site"]}), "dirichlet", 2, seed=0,
+                  dirichlet_by="label")
+    with pytest.raises(DataError, match="by='dirichlet' over site: needs a site per image"):
+        partition(ImageSet(images.images), "dirichlet", 2, seed=0, dirichlet_by="site")
+    with pytest.raises(DataError, match="dirichlet_by='hospital'"):
+        partition(images, "dirichlet", 2, seed=0, dirichlet_by="hospital")
+
+
+def test_dirichlet_redraws_until_every_client_has_the_minimum(lgg):
+    sizes = lambda parts: sorted(len(p) for p in parts.values())  # noqa: E731
+    assert sizes(partition(lgg, "dirichlet", 5, seed=3, alpha=0.1))[0] < 100  # skewed: small ones
+    assert sizes(partition(lgg, "dirichlet", 5, seed=3, alpha=0.1, min_images=100))[0] >= 100
+
+
+def _saved(tmp_path, images: ImageSet) -> str:
+    save_images(images, tmp_path / "images.npz")
+    return str(tmp_path / "images.npz")
+
+
+@pytest.mark.parametrize("few_in_b, overrides, message", [
+    (False, ['data.partition="dirichlet"', "data.num_clients=4", "data.dirichlet_alpha=1.0"],
+     r"^client client\d has \d+ training images, fewer than the minimum of 32: give fewer clients "
+     r"\(data.num_clients\) or a larger data.dirichlet_alpha \(less skew\), or lower "
+     r"data.min_images_per_client$"),
+    (True, ['data.clients=["A", "B"]'],
+     r"^client B has 10 training images, fewer than the minimum of 32: leave that site out of "
+     r"data.clients, or lower data.min_images_per_client$"),
+    (False, ["data.partition=iid", "data.num_clients=3", "data.client_holdout_fraction=0.25"],
+     r"^client client\d has 30 training images, fewer than the minimum of 32: give fewer clients "
+     r"\(data.num_clients\), a smaller data.client_holdout_fraction, or lower "
+     r"data.min_images_per_client$"),
+])
+def test_a_client_under_the_minimum_is_a_one_line_error(tmp_path, few_in_b, overrides, message):
+    """The brief's case: a partition that leaves a client a handful of images is refused, naming
+    the client, its count and what to change (120 images: 4 clients cannot all have 32)."""
+    images = _sites_and_labels(30)  # sites A and B, 60 images each
+    if few_in_b:  # site B keeps 10
+        images = images.subset(np.flatnonzero((images.meta["site"] == "A")
+                                               | (np.arange(len(images)) % 6 == 1)))
+    save_images(images, tmp_path / "images.npz")
+    cfg = load_config(None, [f'data.path="{tmp_path / "images.npz"}"', "data.holdout_sites=[]",
+                             *overrides])
+    with pytest.raises(DataError, match=message):
+        load_client_data(cfg)
+    cfg.data.min_images_per_client = 8  # the fix the message names
+    assert all(len(p) >= 8 for p in load_client_data(cfg).clients.values())

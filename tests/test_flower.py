@@ -223,3 +223,46 @@ def test_resume_keeps_batches_per_round(tmp_path):
         resume(make_server(other), Settings.of(rc, other), other.to_toml())
     with pytest.raises(ValueError, match="identity"):
         Settings.of({**rc, "identity": "trust-me"}, cfg)
+
+
+def test_sample_reply_keeps_names_and_counts_never_paths():
+    """What the server keeps of a hospital's samples: file names and the count (DESIGN.md
+    section 7); a reply naming a path is rejected, so no node's path reaches flower-result.json."""
+    from collafuse.engines.flower.replies import accept_sample
+
+    meta = {"client-id": "DU", "num-images": 4, "png": "DU.png", "npz": "DU.npz"}
+    assert accept_sample(reply([], meta, "query.sample"), "DU", 4) == {
+        "num-images": 4, "png": "DU.png", "npz": "DU.npz"}
+    for bad in ("/srv/hospital/DU/samples/DU.png", "samples/DU.png", "..", "C:\\DU\\DU.png",
+                "C:DU.png"):
+        with pytest.raises(RejectedReply, match="is not a file name"):
+            accept_sample(reply([], {**meta, "png": bad}, "query.sample"), "DU", 4)
+
+
+def test_node_bindings_are_recorded_for_the_operator(tmp_path, capsys):
+    """The ServerApp writes which registered name each node id has and which client it serves
+    (flower-nodes.json); `collafuse flower nodes RUN_DIR` shows it."""
+    from flwr.proto.node_pb2 import NodeInfo
+
+    from collafuse.cli import main
+    from collafuse.engines.flower.common import code_digest
+    from collafuse.engines.flower.server_app import NODES, Roster
+
+    cfg = load_config(tiny_config(tmp_path))
+    roster = Roster(cfg, cfg.to_toml(), "registered-name", 10.0, record=tmp_path / "run" / NODES)
+    roster.registry = {11: NodeInfo(node_id=11, name="DU"), 12: NodeInfo(node_id=12, name="HT")}
+    hello = {"num-images": 16, "round": 0, "code-digest": code_digest()}
+    roster._consider(11, reply([], {"client-id": "DU", **hello}, "query.hello"), roster.registry)
+    roster._consider(12, reply([], {"client-id": "DU", **hello}, "query.hello"), roster.registry)
+    record = json.loads((tmp_path / "run" / NODES).read_text())
+    assert record["identity"] == "registered-name"
+    du, ht = record["nodes"]
+    assert (du["node-id"], du["registered-name"], du["client"], du["refused"]) == (11, "DU", "DU", None)
+    assert (ht["node-id"], ht["registered-name"], ht["client"]) == (12, "HT", None)
+    assert "registered as 'HT', claims client 'DU'" in ht["refused"]
+    assert main(["flower", "nodes", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["node", "id", "registered"]
+    assert out[2].split()[:3] == ["11", "DU", "DU"] and out[3].split()[:3] == ["12", "HT", "-"]
+    assert main(["flower", "nodes", str(tmp_path / "nowhere")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -17,8 +17,8 @@ telemetry and the update check are switched off.
 TLS: ``Deployment(..., certs=dir)`` with the files from ``make_certs.sh`` (``ca.crt``,
 ``server.crt``, ``server.key``); ``node_auth=True`` adds ``--enable-supernode-auth`` and
 ``add_supernode(..., auth_key=path)`` registers the key's ``.pub`` with
-``flwr supernode register`` before the SuperNode starts. ``start_gateway()`` puts
-``fleet_gateway.py`` in front of the SuperLink: SuperNodes added afterwards connect through it
+``flwr supernode register`` before the SuperNode starts. ``start_gateway()`` puts HAProxy with
+``fleet-gateway.cfg`` in front of the SuperLink: SuperNodes added afterwards connect through it
 (Fleet API only), the ``flwr`` CLI keeps talking to the SuperLink itself.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import os
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -41,6 +42,7 @@ from typing import Any
 import httpx
 
 BIN = Path(sys.executable).parent
+GATEWAY_CONFIG = Path(__file__).with_name("fleet-gateway.cfg")
 _LIVE: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
 
 
@@ -121,9 +123,10 @@ class Deployment:
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, cmd: list[str], home: Path, threads: int | None = None) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], home: Path, threads: int | None = None,
+               extra_env: dict[str, str] | None = None) -> Proc:
         home.mkdir(parents=True, exist_ok=True)
-        env = base_env(home)
+        env = base_env(home) | (extra_env or {})
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         logf = self.workdir / f"{name}.log"
@@ -172,23 +175,32 @@ class Deployment:
             time.sleep(0.3)
         raise TimeoutError(f"flower-superlink not ready in {timeout}s; see {proc.log}")
 
-    def start_gateway(self, timeout: float = 30.0) -> int:
-        """Start scripts/flower/fleet_gateway.py in front of the SuperLink; SuperNodes added
-        from now on connect through it (the Fleet API only), the ``flwr`` CLI does not."""
+    def start_gateway(self, timeout: float = 30.0, config: Path = GATEWAY_CONFIG) -> int:
+        """Start HAProxy with ``config`` (scripts/flower/fleet-gateway.cfg) in front of the
+        SuperLink; SuperNodes added from now on connect through it (the Fleet API only), the
+        ``flwr`` CLI does not. Needs TLS (``certs=``) and ``haproxy`` on PATH."""
         assert self.port is not None, "start_superlink() first"
+        if self.certs is None:
+            raise ValueError("the fleet gateway serves TLS only (certs=...)")
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            raise FileNotFoundError("haproxy not found: scripts/setup.sh installs it (apt-get)")
         port = free_port()
-        tls = (["--certfile", str(self.certs / "server.crt"), "--keyfile",
-                str(self.certs / "server.key"), "--ca", str(self.certs / "ca.crt")]
-               if self.certs else ["--insecure"])
-        proc = self._spawn("gateway", [sys.executable, str(Path(__file__).with_name("fleet_gateway.py")),
-                                       "--listen", f"127.0.0.1:{port}",
-                                       "--superlink", f"127.0.0.1:{self.port}", *tls],
-                           self.workdir / "gateway-home")
+        env = {"GATEWAY_BIND": f"127.0.0.1:{port}", "SUPERLINK": f"127.0.0.1:{self.port}",
+               "CERTS": str(self.certs)}
+        proc = self._spawn("gateway", [haproxy, "-db", "-f", str(config)],
+                           self.workdir / "gateway-home", extra_env=env)
+        verify = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
         deadline = time.monotonic() + timeout
-        while "fleet gateway on" not in self.tail("gateway", 5):
+        while True:
             if not proc.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"fleet gateway did not start:\n{self.tail('gateway')}")
-            time.sleep(0.1)
+            try:  # up once the SuperLink's health answers through it
+                if httpx.get(f"https://127.0.0.1:{port}/health", timeout=1.0, verify=verify).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
         self.fleet_port = port
         return port
 

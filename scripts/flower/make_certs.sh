@@ -6,10 +6,12 @@
 # OUT_DIR/ca.crt, ca.key            a private CA (give ca.crt to every SuperNode and to
 #                                   whoever runs `flwr`; keep ca.key offline)
 # OUT_DIR/server.crt, server.key    the SuperLink's TLS certificate, signed by the CA, with
-#                                   subjectAltName for SERVER_NAMES (default:
-#                                   "IP:127.0.0.1,DNS:localhost"; add the server's real
-#                                   DNS name / IP for a deployment, e.g.
-#                                   "DNS:collafuse.example.org,IP:10.0.0.5")
+#                                   subjectAltName "IP:127.0.0.1,DNS:localhost" (the operator's
+#                                   CLI and the fleet gateway reach the SuperLink on loopback)
+#                                   plus SERVER_NAMES, the names the hospitals reach the
+#                                   gateway by, e.g. "DNS:collafuse.example.org,IP:10.0.0.5"
+# OUT_DIR/server.pem                server.crt and server.key in one file, as the fleet gateway
+#                                   (HAProxy, scripts/flower/fleet-gateway.cfg) reads them
 # OUT_DIR/supernode-N (+ .pub)      one EC P-384 key pair per SuperNode, in OpenSSH format
 #                                   (Flower's SuperNode authentication: the SuperLink
 #                                   operator registers the .pub with
@@ -22,7 +24,7 @@ set -euo pipefail
 
 OUT=${1:?usage: make_certs.sh OUT_DIR [NUM_SUPERNODES] [SERVER_NAMES]}
 N=${2:-2}
-SAN=${3:-"IP:127.0.0.1,DNS:localhost"}
+SAN="IP:127.0.0.1,DNS:localhost${3:+,$3}"
 DAYS=${DAYS:-365}
 
 mkdir -p "$OUT"
@@ -48,6 +50,7 @@ openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
     -out server.crt -days "$DAYS" -sha256 -extfile server.ext 2>/dev/null
 rm -f server.csr server.ext ca.srl
 openssl verify -CAfile ca.crt server.crt >/dev/null
+cat server.crt server.key > server.pem
 
 # 3. SuperNode authentication key pairs (EC P-384, OpenSSH format)
 for i in $(seq 1 "$N"); do
@@ -71,4 +74,4 @@ PY
     fi
 done
 chmod 644 ca.crt server.crt ./*.pub
-echo "wrote $(pwd): ca.crt ca.key server.crt server.key and $N SuperNode key pair(s)"
+echo "wrote $(pwd): ca.crt ca.key server.crt server.key server.pem and $N SuperNode key pair(s)"

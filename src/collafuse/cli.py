@@ -9,6 +9,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from .choices import CHANNELS, SAMPLERS
 from .config import load_config
 
 # Bad input, reported as "collafuse: error: <one line>" with exit status 2: our own errors
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, help="per client")
     sample.add_argument("--seed", type=int)
     sample.add_argument("--out", type=Path, help="folder for the grids (default RUN_DIR)")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"),
+    sample.add_argument("--sampler", choices=SAMPLERS,
                         help="default: the run's sample.sampler")
     sample.add_argument("--steps", type=int, help="model calls per sample, server and client "
                         "together (0 = all T; default: the run's sample.steps)")
@@ -150,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("output", type=Path, help="the .npz to write")
     prepare.add_argument("--size", type=int, default=32, help="square side in pixels (center crop, "
                          "then resize)")
-    prepare.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    prepare.add_argument("--channels", type=int, default=1, choices=CHANNELS)
     _add_layout(prepare)
     prepare.set_defaults(func=_data_prepare)
     inspect = data_commands.add_parser("inspect", help="what was found: sizes, layout, counts per "
@@ -159,12 +160,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--size", type=int, help="resize to this square side for the statistics "
                          f"and the preview (default: the images' own size; {PREVIEW_SIZE} when "
                          "they differ)")
-    inspect.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    inspect.add_argument("--channels", type=int, default=1, choices=CHANNELS)
     _add_layout(inspect)
     inspect.add_argument("--config", type=Path, help="also show how the config partitions SOURCE")
     _add_overrides(inspect)
     inspect.add_argument("--preview", type=Path, help="write a PNG grid of 64 images here")
     inspect.set_defaults(func=_data_inspect)
+
+    flower = commands.add_parser("flower", help="a Flower deployment's server-side records")
+    flower_commands = flower.add_subparsers(required=True, metavar="ACTION")
+    nodes = flower_commands.add_parser("nodes", help="which registered name each Flower node id "
+                                       "is bound to, and the client it serves")
+    nodes.add_argument("run_dir", type=Path, help="the ServerApp's run-dir (run config run-dir)")
+    nodes.set_defaults(func=_flower_nodes)
     return parser
 
 
@@ -263,6 +271,25 @@ def _export(args) -> None:
     print(f"exported {args.run_dir} to {args.out}: server"
           + (f", clients {', '.join(with_models)}" if with_models else " only (no client models)")
           + f"; model card {args.out / 'README.md'}")
+
+
+def _flower_nodes(args) -> None:
+    import json
+
+    from .engines.flower.server_app import NODES
+
+    path = args.run_dir / NODES
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (the ServerApp writes it into its run-dir once a "
+                         "node has answered its hello)")
+    record = json.loads(path.read_text())
+    rows = [("node id", "registered name", "client", "since", "refused")]
+    rows += [(str(e["node-id"]), e["registered-name"] or "-", e["client"] or "-", e["since"],
+              e["refused"] or "") for e in record["nodes"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"{path} (identity: {record['identity']})")
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
 
 
 def _data_prepare(args) -> None:

@@ -3,7 +3,8 @@
 Every field has a default that says what it means; an unknown section or key, or a value of
 the wrong type, is a one-line error. Any field can be overridden as ``section.key=value``
 (the value is read as TOML, so ``train.lr=3e-4``, ``data.clients=["DU","HT"]``; a bare word is
-taken as a string). This module imports nothing from collafuse, so every layer may use it.
+taken as a string). This module imports nothing from collafuse but its lists of names
+(collafuse.choices, which imports nothing), so every layer may use it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from .choices import (CHANNELS, CONDITIONS, DIRICHLET_BY, INTENSITIES, LAYOUT_LEVELS,
+                      LOSS_WEIGHTINGS, LR_SCHEDULES, PARTITIONS, PREDICTIONS, PRESETS, PROTOCOLS,
+                      SAMPLERS, expected)
 
 
 class ConfigError(ValueError):
@@ -50,12 +55,19 @@ class DataConfig:
     clients: list[str] = field(default_factory=lambda: ["DU", "HT", "FG"])  # sites, by="site"
     num_clients: int = 3  # for partition "patient", "iid" and "dirichlet"
     dirichlet_alpha: float = 0.5  # skew of the "dirichlet" partition (small = more skewed)
+    # what the "dirichlet" partition skews over: each client's mix of "site"s (hospitals), or of
+    # "label"s (an image folder's classes; Flower Datasets' DirichletPartitioner's way)
+    dirichlet_by: str = "site"
     holdout_sites: list[str] = field(default_factory=lambda: ["CS", "EZ"])  # whole hospitals
     holdout_fraction: float = 0.0  # or a seeded fraction of patients, when no sites are given
     # a seeded fraction of each client's own patients kept out of its training: non-members from
     # the same hospital, for the copy-sensitive disclosure and membership checks (0 = none)
     client_holdout_fraction: float = 0.0
     max_images_per_client: int = 0  # 0 = all; a cap for quick runs
+    # a partition that leaves a client fewer training images than this is an error (a client
+    # with a handful of images trains nothing useful and its KID means nothing); the
+    # "dirichlet" partition re-draws its shares until every client has this many
+    min_images_per_client: int = 32
 
 
 @dataclass
@@ -130,7 +142,6 @@ class SampleConfig:
     guidance_scale: float = 2.0
 
 
-PROTOCOL_NAMES = ("shared-noise", "noisy-data")  # train.protocol, sweep.protocols
 GRID_KEYS = {"protocol": str, "cut_ratios": list, "seeds": list}  # a [[sweep.grid]] entry's
 
 
@@ -155,10 +166,6 @@ class EvaluationConfig:
     max_real_images: int = 500  # real images per set (client, hold-out) for KID; 0 = all
     energy: bool = True  # codecarbon energy per party and phase (an estimate without counters)
     trajectory_steps: int = 6  # Figure 2: images recorded along one sample's denoising
-
-
-PRESETS = ("tiny", "small", "narrow", "lean", "paper")  # collafuse.models.make_unet's presets
-CONDITIONS = ("none", "both", "client")  # model.condition: where the class label goes
 
 
 @dataclass
@@ -309,9 +316,9 @@ def _check_values(cfg: Config, source: str) -> None:
         (len(set(cfg.sweep.seeds)) == len(cfg.sweep.seeds) and all(
             k >= 0 for k in cfg.sweep.seeds), "sweep.seeds",
          "distinct integers >= 0 ([] = run.seed)"),
-        (all(p in PROTOCOL_NAMES for p in cfg.sweep.protocols)
+        (all(p in PROTOCOLS for p in cfg.sweep.protocols)
          and len(set(cfg.sweep.protocols)) == len(cfg.sweep.protocols), "sweep.protocols",
-         "distinct names from 'shared-noise', 'noisy-data' ([] = train.protocol)"),
+         f"distinct names from {expected(PROTOCOLS)} ([] = train.protocol)"),
         (cfg.diffusion.num_timesteps >= 1, "diffusion.num_timesteps", "an integer >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "an integer >= 1"),
         (cfg.train.lr > 0, "train.lr", "a positive number"),
@@ -328,35 +335,39 @@ def _check_values(cfg: Config, source: str) -> None:
         (DEVICE_PATTERN.fullmatch(cfg.run.device) is not None, "run.device",
          "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)"),
-        (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
-         "'constant' or 'cosine'"),
+        (cfg.train.lr_schedule in LR_SCHEDULES, "train.lr_schedule", expected(LR_SCHEDULES)),
         (cfg.train.lr_schedule == "constant" or cfg.train.epochs == 0, "train.lr_schedule",
          "'constant' with train.epochs (a cosine decays over train.steps)"),
         (cfg.train.lr_warmup_steps >= 0, "train.lr_warmup_steps", "an integer >= 0"),
-        (cfg.train.loss_weighting in ("uniform", "min-snr"), "train.loss_weighting",
-         "'uniform' or 'min-snr'"),
+        (cfg.train.loss_weighting in LOSS_WEIGHTINGS, "train.loss_weighting",
+         expected(LOSS_WEIGHTINGS)),
         (cfg.train.min_snr_gamma > 0, "train.min_snr_gamma", "a positive number"),
-        (cfg.train.protocol in PROTOCOL_NAMES, "train.protocol",
-         "'shared-noise' or 'noisy-data'"),
+        (cfg.train.protocol in PROTOCOLS, "train.protocol", expected(PROTOCOLS)),
         (0.0 <= cfg.data.client_holdout_fraction < 1.0, "data.client_holdout_fraction",
          "a number in [0, 1)"),
-        (cfg.data.channels in (1, 3), "data.channels", "1 or 3"),
+        (cfg.data.channels in CHANNELS, "data.channels", expected(CHANNELS)),
         (cfg.data.layout in ("auto", "flat") or all(
-            w in ("site", "class", "label", "patient", "skip") for w in cfg.data.layout.split("/")),
+            w in LAYOUT_LEVELS for w in cfg.data.layout.split("/")),
          "data.layout", "'auto', 'flat' or folder levels such as 'site/class' (site, class, patient, skip)"),
-        (cfg.data.partition in ("site", "label", "patient", "iid", "dirichlet"), "data.partition",
-         "'site', 'label', 'patient', 'iid' or 'dirichlet'"),
+        (cfg.data.partition in PARTITIONS, "data.partition", expected(PARTITIONS)),
+        (cfg.data.dirichlet_by in DIRICHLET_BY, "data.dirichlet_by", expected(DIRICHLET_BY)),
+        (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "a positive number"),
+        (cfg.data.min_images_per_client >= 1, "data.min_images_per_client", "an integer >= 1"),
+        (cfg.data.max_images_per_client >= 0, "data.max_images_per_client",
+         "an integer >= 0 (0: all)"),
+        (cfg.data.intensity in INTENSITIES, "data.intensity", expected(INTENSITIES)),
+        (cfg.model.preset in PRESETS, "model.preset", expected(PRESETS)),
         (cfg.data.image_size >= 8, "data.image_size", "an integer >= 8"),
         (cfg.sample.num_samples >= 1, "sample.num_samples", "an integer >= 1"),
-        (cfg.sample.sampler in ("ddpm", "ddim"), "sample.sampler", "'ddpm' or 'ddim'"),
+        (cfg.sample.sampler in SAMPLERS, "sample.sampler", expected(SAMPLERS)),
         (cfg.sample.steps == 0 or cfg.sample.steps >= 2, "sample.steps",
          "0 (every step) or an integer >= 2"),
-        (cfg.model.condition in CONDITIONS, "model.condition", "'none', 'both' or 'client'"),
+        (cfg.model.condition in CONDITIONS, "model.condition", expected(CONDITIONS)),
         (cfg.model.condition == "none" or (len(cfg.model.classes) >= 2 and len(
             set(cfg.model.classes)) == len(cfg.model.classes)), "model.classes",
          "two or more distinct class names when model.condition is not 'none'"),
         (0.0 <= cfg.model.label_dropout < 1.0, "model.label_dropout", "a number in [0, 1)"),
-        (cfg.model.prediction in ("epsilon", "v"), "model.prediction", "'epsilon' or 'v'"),
+        (cfg.model.prediction in PREDICTIONS, "model.prediction", expected(PREDICTIONS)),
         (cfg.sample.label == "" or cfg.sample.label in cfg.model.classes, "sample.label",
          "'' or one of model.classes"),
         (0.0 <= cfg.sample.guidance_scale <= 100.0, "sample.guidance_scale",
@@ -367,17 +378,17 @@ def _check_values(cfg: Config, source: str) -> None:
         (cfg.evaluation.max_real_images >= 0, "evaluation.max_real_images", "an integer >= 0"),
         (cfg.evaluation.trajectory_steps >= 2, "evaluation.trajectory_steps", "an integer >= 2"),
     ]
-    for ok, name, expected in checks:
+    for ok, name, wanted in checks:
         if not ok:
             value = _get(cfg, name)
-            raise ConfigError(f"{source}: {name}: expected {expected}, got {value!r}")
+            raise ConfigError(f"{source}: {name}: expected {wanted}, got {value!r}")
     _check_grid(cfg, source)
     for cid, own in cfg.clients.items():
         if own.cut_ratio is not None and not 0.0 <= own.cut_ratio <= 1.0:
             raise ConfigError(f"{source}: clients.{cid}.cut_ratio: expected a number in [0, 1], "
                               f"got {own.cut_ratio!r}")
         if own.preset is not None and own.preset not in PRESETS:
-            raise ConfigError(f"{source}: clients.{cid}.preset: expected one of {list(PRESETS)}, "
+            raise ConfigError(f"{source}: clients.{cid}.preset: expected {expected(PRESETS)}, "
                               f"got {own.preset!r}")
     if cfg.data.partition == "site" and (unknown := sorted(set(cfg.clients) - set(cfg.data.clients))):
         raise ConfigError(f"{source}: [clients.{unknown[0]}]: not one of data.clients "

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers import DDPMScheduler
 
+from .choices import LOSS_WEIGHTINGS, PREDICTIONS, SAMPLERS
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -52,9 +54,6 @@ def server_timesteps(cut: int, num_timesteps: int) -> list[int]:
 def client_timesteps(cut: int) -> list[int]:
     """The generation steps a client runs, in order: s-1 down to 0 (empty when s = 0)."""
     return list(range(cut - 1, -1, -1))
-
-
-SAMPLERS = ("ddpm", "ddim")
 
 
 def sampling_plan(cut: int, num_timesteps: int, steps: int = 0) -> tuple[list[int], list[int]]:
@@ -100,10 +99,6 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor,
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4)."""
     abar = _per_sample(scheduler.alphas_cumprod, t, x0)
     return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
-
-
-LOSS_WEIGHTINGS = ("uniform", "min-snr")
-PREDICTIONS = ("epsilon", "v")
 
 
 def eps_from_output(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor,

@@ -17,7 +17,8 @@ import torch
 
 from .client import SECRET_BYTES, Client
 from .config import Config
-from .data import ImageSet, load_images, normalise_intensity, partition, split_holdout, to_model
+from .data import (ImageSet, load_images, normalise_intensity, partition, require_min_images,
+                   split_holdout, to_model)
 from .device import resolve_device
 from .diffusion import cut_index, loss_weights, make_scheduler
 from .models import make_unet
@@ -51,16 +52,38 @@ def load_client_data(cfg: Config) -> RunData:
                                    holdout_fraction=d.holdout_fraction, seed=cfg.run.seed)
     clients = d.clients if d.partition in ("site", "label") else d.num_clients
     parts = partition(train, by=d.partition, clients=clients, seed=cfg.run.seed,
-                      alpha=d.dirichlet_alpha)
+                      alpha=d.dirichlet_alpha, dirichlet_by=d.dirichlet_by,
+                      min_images=_min_train_images(cfg))
     own_holdout = {name: part.subset([]) for name, part in parts.items()}
     if d.client_holdout_fraction:
         for name, part in parts.items():
             parts[name], own_holdout[name] = split_holdout(
                 part, holdout_fraction=d.client_holdout_fraction, seed=cfg.run.seed)
+    require_min_images(parts, d.min_images_per_client, _min_images_fix(cfg))
     if d.max_images_per_client:
         parts = {name: part.subset(range(min(len(part), d.max_images_per_client)))
                  for name, part in parts.items()}
     return RunData(parts, holdout, own_holdout)
+
+
+def _min_train_images(cfg: Config) -> int:
+    """What a client's partition must hold for data.min_images_per_client training images to be
+    left after its own hold-out (data.client_holdout_fraction) of patients."""
+    d = cfg.data
+    return math.ceil(d.min_images_per_client / (1.0 - d.client_holdout_fraction))
+
+
+def _min_images_fix(cfg: Config) -> str:
+    """What to change in the config when a client has too few training images."""
+    d = cfg.data
+    fixes = {"site": "leave that site out of data.clients",
+             "label": "leave that class out of data.clients",
+             "dirichlet": "give fewer clients (data.num_clients) or a larger data.dirichlet_alpha "
+                          "(less skew)"}
+    fix = fixes.get(d.partition, "give fewer clients (data.num_clients)")
+    if d.client_holdout_fraction:
+        fix += ", a smaller data.client_holdout_fraction"
+    return f"{fix}, or lower data.min_images_per_client"
 
 
 def image_shape(cfg: Config) -> tuple[int, int, int]:

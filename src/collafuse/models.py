@@ -7,35 +7,11 @@ architecture); they are plain diffusers ``UNet2DModel``s that know nothing of sc
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DModel
 
-
-@dataclass(frozen=True)
-class Preset:
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int
-    attention_at_lowest: bool
-    norm_num_groups: int
-    note: str
-
-
-PRESETS = {
-    "tiny": Preset((16, 32), 1, False, 8, "tests: seconds on a CPU, any size divisible by 2"),
-    "small": Preset((32, 64, 64), 2, True, 8, "CPU runs at 32x32 or 64x64, about 1.6 M parameters"),
-    # small with its two upper levels at half width: 1.0 M parameters, a round in 55% of the
-    # time at 32x32 (README, "Sample quality of the default run")
-    "narrow": Preset((16, 32, 64), 2, True, 8, "32x32 on 2 CPU cores"),
-    # narrow with one ResNet layer per level and no attention: 0.64 M parameters, a quickstart
-    # round in 60% of narrow's time for about the same KID per round (README, "Sample quality
-    # of the default run"): on 2 cores more steps of a smaller model win
-    "lean": Preset((16, 32, 64), 1, False, 8, "the quickstart: 32x32 on 2 CPU cores"),
-    # The paper's UNet: base width 16, multipliers 1, 2, 4, 8, attention at the lowest
-    # resolution, about 2.4 M parameters at 128x128 (this one has 2.7 M).
-    "paper": Preset((16, 32, 64, 128), 1, True, 8, "the paper's setting, 128x128, for a GPU"),
-}
+from .choices import PRESETS
 
 
 def make_unet(preset: str, image_size: int, channels: int = 1, num_classes: int = 0) -> UNet2DModel:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-LR_SCHEDULES = ("constant", "cosine")
+from .choices import LR_SCHEDULES
 
 
 def lr_factor(step: int, total_steps: int, schedule: str = "constant",

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from .choices import PROTOCOLS
 from .diffusion import add_noise, renoise_coefficients
 from .messages import Message, NoisedBatch, NoisyViews
 
-PROTOCOLS = ("shared-noise", "noisy-data")
 # per-sample loss weights of the levels t, e.g. diffusion.loss_weights with its settings bound
 Weighting = Callable[[torch.Tensor], torch.Tensor]
 

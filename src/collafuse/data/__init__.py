@@ -5,12 +5,14 @@ Imports only numpy, PIL, nibabel, pydicom and torch (layer 3 of DESIGN.md).
 
 from .imageset import DataError, ImageSet
 from .loaders import FolderLayout, ImageFolder, image_folder, image_sizes, load_images, parse_layout
-from .partition import PARTITIONS, DataWarning, partition, patient_ids, split_holdout
+from .partition import (PARTITIONS, DataWarning, partition, patient_ids, require_min_images,
+                        split_holdout)
 from .saving import save_images
 from .transforms import normalise_intensity, save_grid, save_side_by_side, to_model, to_uint8
 
 __all__ = [
     "PARTITIONS",
+    "require_min_images",
     "DataError",
     "DataWarning",
     "FolderLayout",

@@ -20,15 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..choices import LAYOUT_LEVELS
 from .imageset import DataError, ImageSet
 from .transforms import fit_array, fit_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 LGG_CASE = re.compile(r"^(TCGA_([A-Za-z0-9]+)_[A-Za-z0-9]+)_\d{8}$")
 LGG_SLICE = re.compile(r"^(?P<case>TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+_\d{8})_(?P<slice>\d+)\.tif$")
-
-
-LAYOUT_LEVELS = {"site": "site", "class": "label", "label": "label", "patient": "patient", "skip": None}
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import warnings
 
 import numpy as np
 
+from ..choices import DIRICHLET_BY, PARTITIONS, expected
 from .imageset import DataError, ImageSet
-
-PARTITIONS = ("site", "label", "patient", "iid", "dirichlet")
 
 
 class DataWarning(UserWarning):
@@ -21,7 +20,8 @@ class DataWarning(UserWarning):
 
 
 def partition(
-    images: ImageSet, by: str, clients: list[str] | int, seed: int, alpha: float = 0.5
+    images: ImageSet, by: str, clients: list[str] | int, seed: int, alpha: float = 0.5,
+    dirichlet_by: str | None = None, min_images: int = 1,
 ) -> dict[str, ImageSet]:
     """Split images into clients; every returned client has at least one image.
 
@@ -30,8 +30,11 @@ def partition(
     seed, dealt round-robin to client0..k-1.
     by="patient": clients=k; whole patients, shuffled with seed, dealt round-robin to client0..k-1.
     by="iid": clients=k; a seeded random permutation split into k near-equal parts.
-    by="dirichlet": clients=k; for each site (each label when the data has no sites), its images
-    are split over the clients with Dirichlet(alpha) proportions (smaller alpha = more skew).
+    by="dirichlet": clients=k; for each value of ``dirichlet_by`` ("site" or "label"; None: site,
+    or label when the data has no sites), its images are split over the clients with
+    Dirichlet(alpha) proportions (smaller alpha = more skew), re-drawn (seeded) until every client
+    has ``min_images`` images, as Flower Datasets' DirichletPartitioner does with its
+    ``min_partition_size``. Other partitions ignore ``min_images``: see require_min_images.
     """
     if by not in PARTITIONS:
         raise DataError(f"partition: unknown by={by!r}; expected one of {', '.join(PARTITIONS)}")
@@ -44,8 +47,17 @@ def partition(
     elif by == "iid":
         groups = np.array_split(rng.permutation(len(images)), k)
     else:
-        skew = "site" if "site" in images.meta or "label" not in images.meta else "label"
-        groups = _by_dirichlet(_field(images, skew, "partition"), k, alpha, rng)
+        skew = dirichlet_by or ("site" if "site" in images.meta or "label" not in images.meta
+                                else "label")
+        if skew not in DIRICHLET_BY:
+            raise DataError(f"partition: dirichlet_by={skew!r}; expected {expected(DIRICHLET_BY)}")
+        other = next(f for f in DIRICHLET_BY if f != skew)
+        if skew not in images.meta and other in images.meta:
+            raise DataError(f"partition: by='dirichlet' skews over each image's {skew}, but the "
+                            f"data has no {skew}s; skew over its {other}s with "
+                            f"dirichlet_by={other!r} (data.dirichlet_by)")
+        groups = _by_dirichlet(_field(images, skew, f"partition: by='dirichlet' over {skew}"),
+                               k, alpha, rng, max(1, min_images))
     for i, g in enumerate(groups):
         if len(g) == 0:
             raise DataError(
@@ -109,26 +121,43 @@ def _by_group(values: np.ndarray, k: int, rng: np.random.Generator) -> list[np.n
     return [np.flatnonzero(np.isin(values, names[i::k])) for i in range(k)]
 
 
-def _by_dirichlet(site: np.ndarray, k: int, alpha: float, rng, attempts: int = 100) -> list[np.ndarray]:
-    """Per site, Dirichlet(alpha) shares of its images; re-drawn (seeded) while a client is empty.
+def _by_dirichlet(site: np.ndarray, k: int, alpha: float, rng, min_size: int = 1,
+                  attempts: int = 100) -> list[np.ndarray]:
+    """Per value of ``site`` (a site or a label), Dirichlet(alpha) shares of its images; re-drawn
+    (seeded) while a client has fewer than ``min_size``. If no draw in ``attempts`` gives every
+    client that many, the draw whose smallest client is largest (require_min_images then names
+    that client; an empty one is an error here).
 
     Re-drawing is the usual practice (e.g. in FedLab / Flower's DirichletPartitioner) because a
     client without data cannot train; if it keeps happening, alpha or k is unsuitable.
     """
     if alpha <= 0:
         raise DataError(f"partition: alpha must be > 0, found {alpha}")
+    best: list[list[int]] = []
     for _ in range(attempts):
-        groups = [[] for _ in range(k)]
+        groups: list[list[int]] = [[] for _ in range(k)]
         for code in np.unique(site):
             idx = rng.permutation(np.flatnonzero(site == code))
             cuts = (np.cumsum(rng.dirichlet(np.full(k, alpha)))[:-1] * len(idx)).astype(int)
             for g, part in zip(groups, np.split(idx, cuts)):
                 g.extend(part.tolist())
-        if all(groups):
-            return [np.array(g, dtype=np.int64) for g in groups]
-    raise DataError(
-        f"partition: by='dirichlet' left a client empty in {attempts} draws (k={k}, alpha={alpha}, {len(site)} images)"
-    )
+        if not best or min(map(len, groups)) > min(map(len, best)):
+            best = groups
+        if min(map(len, best)) >= min_size:
+            break
+    if not all(best):
+        raise DataError(f"partition: by='dirichlet' left a client empty in {attempts} draws "
+                        f"(k={k}, alpha={alpha}, {len(site)} images)")
+    return [np.array(g, dtype=np.int64) for g in best]
+
+
+def require_min_images(parts: dict[str, ImageSet], minimum: int, fix: str) -> None:
+    """A DataError naming the first client with fewer than ``minimum`` images, its count and
+    ``fix`` (what to change), e.g. a skewed partition that left a client two images."""
+    for name, part in parts.items():
+        if len(part) < minimum:
+            raise DataError(f"client {name} has {len(part)} training images, fewer than the "
+                            f"minimum of {minimum}: {fix}")
 
 
 def split_holdout(

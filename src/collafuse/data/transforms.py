@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..choices import INTENSITIES, expected
 from ..state import atomic_path
 from .imageset import DataError
 
@@ -48,8 +49,8 @@ def normalise_intensity(images: np.ndarray, method: str) -> np.ndarray:
         raise DataError(f"normalise_intensity: expected uint8 images, found {x.dtype}")
     if method == "none":
         return x
-    if method != "percentile":
-        raise DataError(f"normalise_intensity: unknown method {method!r}; expected 'none' or 'percentile'")
+    if method not in INTENSITIES:
+        raise DataError(f"normalise_intensity: unknown method {method!r}; expected {expected(INTENSITIES)}")
     flat = x.reshape(len(x), -1).astype(np.float32)
     p = np.percentile(flat, 99.5, axis=1)
     scale = np.where(p > 0, 255.0 / np.maximum(p, 1e-6), 1.0)

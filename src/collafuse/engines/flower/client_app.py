@@ -21,7 +21,7 @@ Message types handled (each checks the request and the node's policy before anyt
 - ``train``: build or load the Client; ``Client.train_round(K)``; save state and reply; reply
   the K encoded messages and the client's loss.
 - ``query.sample``: the server's ``PartialSamples`` -> ``Client.finish_samples`` -> PNG grid
-  and npz under ``out-dir`` on the node's disk; only file names and the count go back.
+  and npz under ``out-dir`` on the node's disk; only the file names and the count go back.
 
 ``node_config`` (``flower-supernode --node-config``, docs/deployment.md): ``client-id``,
 ``data-path``, ``state-dir``, optional ``out-dir`` and ``device``, and the hospital's policy:
@@ -47,6 +47,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from . import transport
+from ...choices import PROTOCOLS
 from ...state import write_text
 from .common import code_digest, info, node_setting
 
@@ -56,7 +57,6 @@ STATE_FILE = "client.pt"
 CONFIG_FILE = "config.toml"
 IMAGES_CACHE, IMAGES_KEY = "images.npz", "images.json"
 KEEP_REPLIES = 2  # a pipelining server may re-ask the round before the last after a crash
-PROTOCOLS = ("shared-noise", "noisy-data")
 MAX_SAMPLE_IMAGES = 4096
 MAX_SAMPLE_BYTES = 2**30  # one hand-over array
 
@@ -346,6 +346,7 @@ def sample(msg: Message, context: Context) -> Message:
     images = client.finish_samples(partial, meta["seed"]).cpu()
     png, npz = save_samples(node.out_dir, node.client_id, images, partial.x)
     info("sample: client %s wrote %d images to %s", node.client_id, len(images), node.out_dir)
-    return Message(content=transport.pack([], {"client-id": node.client_id, "png": str(png),
-                                               "npz": str(npz), "num-images": len(images)}),
+    # file names only: where the node keeps its files is none of the server's business
+    return Message(content=transport.pack([], {"client-id": node.client_id, "png": png.name,
+                                               "npz": npz.name, "num-images": len(images)}),
                    reply_to=msg)

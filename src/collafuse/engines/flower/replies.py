@@ -139,7 +139,9 @@ def accept_train(server, reply: Message, client_id: str, round_: int, num_batche
 
 
 def accept_sample(reply: Message, client_id: str, num_images: int) -> dict:
-    """A sample reply: where the node stored ``num_images`` finished images (names only)."""
+    """A sample reply: the names of the files in which the node stored ``num_images`` finished
+    images, and their count. A path is refused: the server's records name clients and counts,
+    never where a node keeps its files (DESIGN.md section 7)."""
     _, meta = read_reply(reply, "sample")
     if meta["client-id"] != client_id:
         raise RejectedReply(f"node of client {client_id} answers as client "
@@ -147,4 +149,12 @@ def accept_sample(reply: Message, client_id: str, num_images: int) -> dict:
     if meta["num-images"] != num_images:
         raise RejectedReply(f"client {client_id}: stored {meta['num-images']} images, "
                             f"asked for {num_images}")
-    return meta
+    for key in ("png", "npz"):
+        if not _file_name(meta[key]):
+            raise RejectedReply(f"client {client_id}: {key} {one_line(meta[key], 80)} is not a "
+                                "file name (a node reports names, never paths)")
+    return {"num-images": meta["num-images"], "png": meta["png"], "npz": meta["npz"]}
+
+
+def _file_name(text: str) -> bool:
+    return "/" not in text and "\\" not in text and ":" not in text and text not in (".", "..")

@@ -48,6 +48,7 @@ app = ServerApp()
 SERVER_STATE = "server.pt"
 METRICS = "metrics.jsonl"
 RESULT = "flower-result.json"
+NODES = "flower-nodes.json"  # node id -> registered name and client served (`collafuse flower nodes`)
 IDENTITIES = ("registered-name", "node-report")
 POLL = 0.1  # seconds between pulls of replies (Flower's own send_and_receive sleeps 3 s)
 
@@ -190,8 +191,12 @@ class Roster:
     Hellos never hold up a round: :meth:`greet` sends them and binds whoever has answered by
     the next call, so a node that is slow, silent or hostile costs the others nothing."""
 
-    def __init__(self, cfg, cfg_text: str, identity: str, timeout: float):
+    def __init__(self, cfg, cfg_text: str, identity: str, timeout: float,
+                 record: Path | None = None):
         self.cfg, self.cfg_text, self.identity, self.timeout = cfg, cfg_text, identity, timeout
+        self.record = record  # where the node bindings are written (NODES), if anywhere
+        self.nodes: dict[str, dict] = {}  # node id -> what the operator sees in NODES
+        self.registry: dict = {}  # node id -> Flower's NodeInfo, as of the last greet
         self.digest = code_digest()
         self.known = set(cfg.data.clients) if cfg.data.partition == "site" else None
         self.node_of: dict[str, int] = {}  # client id -> the node serving it now
@@ -210,7 +215,7 @@ class Roster:
     def greet(self, grid: Grid, done: int) -> None:
         """Bind the nodes whose hello has come back; say hello to nodes not yet bound (new,
         back after a crash, or due a retry)."""
-        nodes = {int(i.node_id): i for i in grid.get_nodes()}
+        nodes = self.registry = {int(i.node_id): i for i in grid.get_nodes()}
         if self.hellos is not None:
             for n, reply in self.hellos.poll().items():
                 self._consider(n, reply, nodes)
@@ -243,12 +248,33 @@ class Roster:
         self.node_of[cid] = n
         self.num_images[cid] = hello["num-images"]
         self.failures.pop(n, None)
+        self._note(n, client=cid, refused=None)
 
     def _refuse(self, n: int, why: str, backoff: bool = True) -> None:
         self.failures[n] = self.failures.get(n, 0) + 1
         wait = min(60.0, 5.0 * 2 ** (self.failures[n] - 1)) if backoff else 5.0
         self.retry_at[n] = time.monotonic() + wait
         warn("node %s left out (asked again in %.0fs): %s", n, wait, why)
+        self._note(n, refused=why)
+
+    def _note(self, n: int, **facts) -> None:
+        """Record what node ``n`` is: its registered name (Flower's node registry, as
+        ``flwr supernode register --name`` set it), the client it serves or why it was refused;
+        written to ``record`` for the operator (``collafuse flower nodes RUN_DIR``)."""
+        entry = self.nodes.setdefault(str(n), {"node-id": n, "registered-name": None,
+                                               "client": None, "refused": None})
+        registered = self.registry.get(n)
+        if registered is not None:
+            entry["registered-name"] = registered.name if registered.HasField("name") else None
+        if "client" in facts:
+            for other in self.nodes.values():  # a client is served by one node at a time
+                if other is not entry and other["client"] == facts["client"]:
+                    other["client"] = None
+        entry.update(facts, since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if self.record is not None:
+            write_json(self.record, {"identity": self.identity,
+                                     "nodes": sorted(self.nodes.values(),
+                                                     key=lambda e: e["node-id"])})
 
     def _may_serve(self, nodes: dict, n: int, cid: str) -> None:
         """Raise RejectedReply unless node ``n`` may serve client ``cid``."""
@@ -329,7 +355,8 @@ def train(grid: Grid, context: Context) -> dict:
     K = settings.batches_per_round
     server = make_server(cfg)
     progress = resume(server, settings, cfg_text)
-    roster = Roster(cfg, cfg_text, settings.identity, min(settings.round_timeout, 120.0))
+    roster = Roster(cfg, cfg_text, settings.identity, min(settings.round_timeout, 120.0),
+                    record=settings.run_dir / NODES)
     wait_for_clients(grid, roster, settings, progress["round"])
     rounds = settings.rounds or total_rounds(cfg, list(roster.num_images.values()), K)
     info("clients %s on nodes %s; %d round(s) of %d batch(es)", roster.order,
@@ -469,7 +496,8 @@ def sample_only(grid: Grid, context: Context) -> dict:
         raise ValueError(f"{settings.run_dir}: no {SERVER_STATE} to sample from")
     server = make_server(cfg)
     progress = resume(server, settings, cfg.to_toml())
-    roster = Roster(cfg, cfg.to_toml(), settings.identity, min(settings.sample_timeout, 120.0))
+    roster = Roster(cfg, cfg.to_toml(), settings.identity, min(settings.sample_timeout, 120.0),
+                    record=settings.run_dir / NODES)
     wait_for_clients(grid, roster, settings, progress["round"])
     return finish(grid, server, roster, cfg, settings, progress)
 
