@@ -12,13 +12,3 @@ fi
 # build, so it is installed without dependencies; its other imports (numpy, pillow, scipy,
 # requests, tqdm) come with ours.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps clean-fid==0.1.35
-# HAProxy: the fleet gateway of a Flower deployment (scripts/flower/fleet-gateway.cfg), which
-# tests/test_flower_deploy.py runs the hospitals through; from the OS packages (Debian/Ubuntu).
-if ! command -v haproxy >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1; then
-        SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-        $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq haproxy
-    else
-        echo "setup: haproxy not found and no apt-get; install HAProxy >= 2.4 for the gateway test" >&2
-    fi
-fi
