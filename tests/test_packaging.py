@@ -54,6 +54,7 @@ def test_version_and_python_floor(capsys):
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"collafuse {collafuse.__version__}"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["version"] == collafuse.__version__
     floor = re.fullmatch(r">=(\d+)\.(\d+)", project["requires-python"]).groups()
     assert sys.version_info[:2] >= tuple(map(int, floor))
     assert f"Programming Language :: Python :: {'.'.join(floor)}" in project["classifiers"]

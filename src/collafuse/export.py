@@ -197,6 +197,9 @@ def model_card(cfg: Config, info: dict, run_dir: Path) -> str:
     """OUT/README.md: what was trained on which data, the protocol and what the server saw,
     the run's measured quality, how to sample, intended use and limits."""
     T, clients = info["num_timesteps"], info["clients"]
+    weights = (f"the exponential moving average (train.ema_decay = {cfg.train.ema_decay:g})"
+               if info["weights"] == "ema" else "those of the last training step")
+    predicts = "v (Salimans & Ho 2022)" if info["prediction"] == "v" else "the noise eps"
     shape = "x".join(map(str, info["image_shape"][1:]))
     gray = "grayscale" if info["image_shape"][0] == 1 else "RGB"
     lines = [
@@ -222,8 +225,7 @@ def model_card(cfg: Config, info: dict, run_dir: Path) -> str:
         *([f"- No client model: this is a Flower server's run; each client's model stays on "
            f"its hospital's node (clients {', '.join(clients) or 'unknown'})."]
           if not any(c["exported"] for c in clients.values()) else []),
-        f"- Weights: the {'exponential moving average (train.ema_decay = ' + str(cfg.train.ema_decay) + ')' if info['weights'] == 'ema' else 'last training step'}"
-        f"; every model predicts {'v (Salimans & Ho 2022)' if info['prediction'] == 'v' else 'the noise eps'}.",
+        f"- Weights: {weights}; every model predicts {predicts}.",
         f"- `scheduler/`: the diffusers DDPMScheduler of the run (`{info['beta_schedule']}`, "
         f"T = {T}); `collafuse.json`: each client's cut index, the sampler, classes and seeds.",
         "",

@@ -198,35 +198,37 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
         truncate_metrics(run_dir / METRICS, run.round)
     else:
         write_text(run_dir / "config.toml", cfg.to_toml())
-    with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
-              disable=not progress, unit="round") as bar, \
-            open(run_dir / METRICS, "a") as log, Tracker.of_run(run_dir, run.round) as tracker:
-        pending: list[dict] = []  # lines whose losses have not been read from the device yet
-        while run.round < run.rounds:
-            pending.append(run.train_round())
-            tracker.scalars("lr", run.learning_rates(), run.round)
-            tracker.scalars("bytes", run.round_bytes, run.round)
-            bar.update(1)
-            if on_round is not None:
-                on_round(run.round)
-            last = run.round == run.rounds or run.round == stop_after_round
-            checkpoint = last or run.round % cfg.train.checkpoint_every == 0
-            if checkpoint or run.round % cfg.train.log_every == 0:
-                lines = read_losses(pending)
-                pending.clear()
-                log.writelines(json.dumps(line) + "\n" for line in lines)
-                for line in lines:
-                    tracker.scalars("loss", run.party_losses(line), line["round"])
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in lines[-1].items()
-                                 if k != "round" and v is not None}, refresh=False)
-            if checkpoint:
-                log.flush()
-                save_state(run.state_dict(), run_dir / CHECKPOINT)
-            if cfg.train.sample_every and run.round % cfg.train.sample_every == 0 \
-                    and run.round < run.rounds:  # the last round's grid is the final samples'
-                track_samples(run, tracker)
-            if run.round == stop_after_round:
-                return run
+    with Tracker.of_run(run_dir, run.round) as tracker:
+        with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
+                  disable=not progress, unit="round") as bar, \
+                open(run_dir / METRICS, "a") as log:
+            pending: list[dict] = []  # lines whose losses have not been read from the device yet
+            while run.round < run.rounds:
+                pending.append(run.train_round())
+                tracker.scalars("lr", run.learning_rates(), run.round)
+                tracker.scalars("bytes", run.round_bytes, run.round)
+                bar.update(1)
+                if on_round is not None:
+                    on_round(run.round)
+                last = run.round == run.rounds or run.round == stop_after_round
+                checkpoint = last or run.round % cfg.train.checkpoint_every == 0
+                if checkpoint or run.round % cfg.train.log_every == 0:
+                    lines = read_losses(pending)
+                    pending.clear()
+                    log.writelines(json.dumps(line) + "\n" for line in lines)
+                    for line in lines:
+                        tracker.scalars("loss", run.party_losses(line), line["round"])
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in lines[-1].items()
+                                     if k != "round" and v is not None}, refresh=False)
+                if checkpoint:
+                    log.flush()
+                    save_state(run.state_dict(), run_dir / CHECKPOINT)
+                # every sample_every rounds; the last round's grid is the final samples'
+                if cfg.train.sample_every and run.round % cfg.train.sample_every == 0 \
+                        and run.round < run.rounds:
+                    track_samples(run, tracker)
+                if run.round == stop_after_round:
+                    return run
         for cid, path in write_samples(run, run_dir).items():
             with np.load(path.with_suffix(".npz")) as saved:
                 tracker.grid(f"samples/{cid}", saved["images"], run.round)
