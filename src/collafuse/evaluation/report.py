@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 import numpy as np
 
+from ..choices import PROTOCOLS
 from ..state import atomic_path, write_text
 from . import intervals as iv
 from .layout import TRAJECTORY, run_dir
@@ -428,7 +429,7 @@ def _diff(table, c, other) -> str:
 
 def protocol_cost(rows: list[dict]) -> list[str]:
     """What hiding the noise costs: KID(noisy-data) - KID(shared-noise) per c, paired by seed."""
-    if {r["protocol"] for r in rows} != {"shared-noise", "noisy-data"}:
+    if {r["protocol"] for r in rows} != set(PROTOCOLS):
         return []
     shared = seed_table(protocol_rows(rows, "shared-noise"), "kid_holdout")
     noisy = seed_table(protocol_rows(rows, "noisy-data"), "kid_holdout")
