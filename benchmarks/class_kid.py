@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("-n", "--num-samples", type=int, default=100, help="per class and client")
     parser.add_argument("--client", action="append", help="default: every client")
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--max-real", type=int, default=0, help="at most this many of the "
+                        "client's own real slices per class, drawn at random (default: all)")
     parser.add_argument("--cache", default="runs/kid-cache")
     parser.add_argument("--figures", type=Path, help="also write FIGURES/<run>-<client>-<class>"
                         ".png per client and class: the client's real slices of the class "
@@ -86,7 +88,10 @@ def main() -> None:
                 gaps[cid] = [values[no_tumour] - values[tumour]]
         client = run.clients[cid]
         for k, name in enumerate(classes):  # the scale: the client's own real images
-            own = cached_features(to_uint8(client.images[client.labels == k]), args.cache)
+            own = to_uint8(client.images[client.labels == k])
+            if args.max_real:
+                own = own[np.random.default_rng(0).permutation(len(own))[:args.max_real]]
+            own = cached_features(own, args.cache)
             values = [kid(own, r, num_subsets=100, subset_size=1000, seed=0)[0] for r in real]
             print(f"| (real {name} of {cid}) | " + " | ".join(f"{v:.4f}" for v in values) + " |")
             if k == tumour:
