@@ -284,8 +284,7 @@ def _evaluate(args) -> None:
     result = evaluate_image_sets(samples, real, train, cache, args.kid_subsets,
                                  args.kid_subset_size, args.seed, progress=True,
                                  device=args.device)
-    result.update({"samples": str(args.samples), "real": str(args.real), "image_size": size,
-                   **({"train": str(args.train)} if args.train else {})})
+    result["image_size"] = size  # numbers only: what may leave the node names no path
     for line in summary_lines(result):
         print(line)
     if args.json:

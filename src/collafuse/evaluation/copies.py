@@ -23,7 +23,7 @@ not trained on, of the same kind (DESIGN.md section 7).
 Distances are taken in pixel space, on images in [-1, 1] (uint8 inputs are mapped there with
 x / 127.5 - 1), flattened; or on any (N, d) feature rows you pass (``as_rows`` is the one place
 images become rows). Pure torch, in float64 blocks of queries, so 300 queries against 2,000
-training images of 32x32 take a fraction of a second.
+training images of 32x32 take about a second on a busy CPU.
 
 API: ``near_copy_ratios(queries, reference)`` -> per-query ratios;
 ``near_copies(samples, train, baseline=None)`` -> a NearCopies summary (fractions and ratios).
