@@ -285,7 +285,8 @@ def export_samples(run: Run, out_dir: str | Path, num_samples: int, seed: int | 
     so memory stays flat for any ``num_samples``; batch b of every client uses sampling seed
     ``seed + b`` (the manifest records it). A conditional run generates class ``label``, or
     ("") every class of model.classes in equal blocks. Each PNG is written atomically and the
-    manifest row follows it, so an interrupted export leaves only complete, listed images.
+    manifest is flushed after every batch: an interrupted export leaves complete images only,
+    and the manifest lists every finished batch.
     """
     out_dir = Path(out_dir)
     if batch_size < 1 or num_samples < 1:
