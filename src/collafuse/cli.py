@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                         "together (0 = all T; default: the run's sample.steps)")
     sample.add_argument("--label", help="conditional runs: the class to generate, one of "
                         "model.classes (default: the run's sample.label; '' = every class)")
+    sample.add_argument("--export", type=Path, metavar="DIR", help="write the samples as an "
+                        "image folder instead of grids: DIR/<client>/<class>/<n>.png and "
+                        "DIR/manifest.csv (reads back with `collafuse data prepare`)")
+    sample.add_argument("--batch-size", type=int, default=64,
+                        help="--export: samples generated and written at a time (default 64)")
     _add_device(sample, "the run's run.device")
     sample.set_defaults(func=_sample)
 
@@ -142,6 +147,28 @@ def _parser() -> argparse.ArgumentParser:
                         "server's run-dir: its server part)")
     export.add_argument("out", type=Path, help="a new or empty folder")
     export.set_defaults(func=_export)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="KID of a set of images against real ones, and the near-copy check "
+        "against training images: on the node that holds the real images")
+    evaluate.add_argument("samples", type=Path, help="npz or image folder of generated images")
+    evaluate.add_argument("--real", type=Path, required=True, help="npz or image folder of real "
+                          "images of the kind wanted, not trained on (e.g. hold-out patients)")
+    evaluate.add_argument("--train", type=Path, help="npz or image folder of the images the "
+                          "model was trained on: adds the near-copy fraction of SAMPLES and, "
+                          "as its baseline, of REAL")
+    evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the figures here")
+    evaluate.add_argument("--size", type=int, help="center-crop and resize every set to this "
+                          "square side, as `data prepare` does (default: the samples' own size)")
+    evaluate.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    evaluate.add_argument("--kid-subsets", type=int, default=100)
+    evaluate.add_argument("--kid-subset-size", type=int, default=1000)
+    evaluate.add_argument("--seed", type=int, default=0, help="KID subsets and bootstrap draws")
+    evaluate.add_argument("--cache", type=Path, help="folder for cached Inception features "
+                          "(default ~/.cache/collafuse/inception)")
+    evaluate.add_argument("--no-cache", action="store_true", help="compute every feature anew")
+    evaluate.add_argument("--device", default="cpu", help="where Inception runs (default cpu)")
+    evaluate.set_defaults(func=_evaluate)
 
     data = commands.add_parser("data", help="prepare and inspect data sets")
     data_commands = data.add_subparsers(required=True, metavar="ACTION")
@@ -214,15 +241,26 @@ def _train(args) -> None:
 
 
 def _sample(args) -> None:
-    from .engines.local import load_run, write_samples
+    from .engines.local import export_samples, load_run, write_samples
 
     if args.steps is not None and (args.steps == 1 or args.steps < 0):
         raise ValueError(f"--steps: expected 0 (every step) or an integer >= 2, got {args.steps}")
+    for name, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value}")
     run = load_run(args.run_dir, device=args.device)
     if args.sampler is not None:
         run.cfg.sample.sampler = args.sampler
     if args.steps is not None:
         run.cfg.sample.steps = args.steps
+    if args.export is not None:
+        n = args.num_samples or run.cfg.sample.num_samples
+        export_samples(run, args.export, n, args.seed, args.label, args.batch_size)
+        layout = "site/class" if run.cfg.model.condition != "none" else "site"
+        print(f"exported {n} samples per client to {args.export} (manifest.csv); read them back "
+              f"with: collafuse data prepare {args.export} OUT.npz --layout {layout} "
+              f"--size {run.cfg.data.image_size} --channels {run.cfg.data.channels}")
+        return
     out = args.out or args.run_dir
     for cid, path in write_samples(run, out, args.num_samples, args.seed, args.label).items():
         print(f"samples of {cid}: {path}")
@@ -290,6 +328,35 @@ def _flower_nodes(args) -> None:
     print(f"{path} (identity: {record['identity']})")
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+
+
+def _evaluate(args) -> None:
+    import json
+
+    from .evaluation.synthetic import (default_cache_dir, evaluate_image_sets, load_image_set,
+                                       summary_lines)
+    from .state import write_text
+
+    for name in ("size", "kid_subsets", "kid_subset_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
+    samples = load_image_set(args.samples, args.size, args.channels)
+    size = args.size or samples.shape[1]
+    if samples.shape[1] != samples.shape[2]:  # not square: fit every set to one square side
+        samples = load_image_set(args.samples, size, args.channels)
+    real = load_image_set(args.real, size, args.channels)
+    train = None if args.train is None else load_image_set(args.train, size, args.channels)
+    cache = None if args.no_cache else args.cache or default_cache_dir()
+    result = evaluate_image_sets(samples, real, train, cache, args.kid_subsets,
+                                 args.kid_subset_size, args.seed, progress=True,
+                                 device=args.device)
+    result["image_size"] = size  # numbers only: what may leave the node names no path
+    for line in summary_lines(result):
+        print(line)
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def _data_prepare(args) -> None:

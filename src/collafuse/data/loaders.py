@@ -86,6 +86,9 @@ def _load_npz(path: Path, image_size, channels) -> ImageSet:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz without pickled objects ({type(e).__name__}: {e})") from e
     images = arrays.pop("images", None)
+    # a samples npz of `collafuse sample` also holds the server's hand-over, (N, C, H, W): the
+    # partial images, neither the images nor per-image metadata
+    arrays.pop("handover", None)
     if images is None or images.dtype != np.uint8 or images.ndim not in (3, 4):
         found = f"found keys {sorted(arrays)}" if images is None else f"found {images.dtype} {images.shape}"
         raise DataError(f"{path}: expected key 'images' (uint8 array N,H,W or N,H,W,C), {found}")

@@ -12,22 +12,27 @@ atomically every ``train.checkpoint_every`` rounds, the metrics log, TensorBoard
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, load_config
 from ..data import save_grid, save_side_by_side, to_uint8
 from ..factory import client_secret, load_client_data, make_client, make_server, total_rounds
 from ..metering import SERVER, WallMeter, client_party, totals
-from ..state import StateError, load_state, save_npz, save_state, write_text
+from ..state import StateError, atomic_path, load_state, save_npz, save_state, write_text
 from ..tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+MANIFEST = "manifest.csv"  # an exported sample folder's index (see export_samples)
+MANIFEST_FIELDS = ("file", "client", "class", "seed", "sampler", "calls", "config_hash")
 SECRETS = "client-secrets"  # the clients' secrets; in a deployment each stays on its node
 # real | generated figures enlarge small images to about this many pixels a side: at 32x32 a
 # ventricle is a few pixels, too small to judge in a 36-image grid
@@ -306,6 +311,63 @@ def save_samples(folder: Path, client_id: str, images, handover,
     extra = {} if labels is None else {"labels": labels}
     save_npz(npz, images=pixels, handover=handover.numpy(), **extra)
     return png, npz
+
+
+def config_hash(cfg: Config) -> str:
+    """16 hex digits of sha256 over the run's identity (its config without runtime fields):
+    what a sample folder records, so that images can be traced to the run that made them."""
+    text = json.dumps(cfg.identity(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def export_samples(run: Run, out_dir: str | Path, num_samples: int, seed: int | None = None,
+                   label: str | None = None, batch_size: int = 64,
+                   progress: bool = True) -> Path:
+    """Split inference for every client, written as an image folder a hospital can use:
+    ``out_dir/<client>/<class>/<n>.png`` (no class level for an unconditional run) and
+    ``out_dir/manifest.csv`` (MANIFEST_FIELDS, one row per image). ``collafuse data prepare``
+    reads it back (layout site/class; an unconditional export: layout site).
+
+    Samples are drawn ``batch_size`` at a time through :meth:`Run.sample` and written at once,
+    so memory stays flat for any ``num_samples``; batch b of every client uses sampling seed
+    ``seed + b`` (the manifest records it). A conditional run generates class ``label``, or
+    ("") every class of model.classes in equal blocks. Each PNG is written atomically and the
+    manifest is flushed after every batch: an interrupted export leaves complete images only,
+    and the manifest lists every finished batch.
+    """
+    out_dir = Path(out_dir)
+    if batch_size < 1 or num_samples < 1:
+        raise ValueError(f"export: expected -n and the batch size >= 1, got {num_samples} and "
+                         f"{batch_size}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir}: exists and is not an empty folder; choose another --export")
+    cfg = run.cfg
+    seed = cfg.sample.seed if seed is None else seed
+    labels = run.labels_for(num_samples, cfg.sample.label if label is None else label)
+    calls = cfg.sample.steps if 0 < cfg.sample.steps < cfg.diffusion.num_timesteps \
+        else cfg.diffusion.num_timesteps
+    fixed = {"sampler": cfg.sample.sampler, "calls": calls, "config_hash": config_hash(cfg)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / MANIFEST, "w", newline="") as f, \
+            tqdm(total=num_samples * len(run.clients), desc="export", unit="image",
+                 disable=not progress) as bar:
+        manifest = csv.DictWriter(f, MANIFEST_FIELDS)
+        manifest.writeheader()
+        for cid in run.clients:
+            for b, start in enumerate(range(0, num_samples, batch_size)):
+                n = min(batch_size, num_samples - start)
+                batch_labels = None if labels is None else labels[start:start + n]
+                images, _ = run.sample(cid, n, seed + b, labels=batch_labels)
+                for i, pixels in enumerate(to_uint8(images)):
+                    name = "" if labels is None else cfg.model.classes[int(batch_labels[i])]
+                    file = Path(cid, name, f"{start + i}.png")
+                    with atomic_path(out_dir / file) as tmp:
+                        Image.fromarray(pixels).save(tmp, format="PNG")
+                    manifest.writerow({"file": file.as_posix(), "client": cid, "class": name,
+                                       "seed": seed + b, **fixed})
+                f.flush()
+                bar.update(n)
+    return out_dir
 
 
 def write_summary(run: Run, run_dir: Path) -> dict:
