@@ -15,7 +15,7 @@ from collafuse.evaluation.layout import run_dir
 from collafuse.evaluation.sweep import run_config, run_sweep, sweep_plan
 from collafuse.metering import SERVER, client_party, totals
 
-from conftest import tiny_overrides
+from conftest import DEFAULT_DATA, tiny_overrides
 
 
 def test_client_flop_share_falls_as_cut_ratio_falls(tiny_config, tmp_path):
@@ -119,6 +119,8 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
                "client_energy_kwh", "client_seconds", "client_bytes_sent"]
     for row in rows[:4]:
         assert all(math.isfinite(row[k]) for k in numeric), row
+        assert 0.0 <= row["samples_near_copies"] <= 1.0 and row["samples_nn_train"] > 0
+    assert {"samples_near_copies", "samples_near_copies_baseline"} <= set(table[0])
     zero, half = by_key[("shared-noise", 0.0, 1, "DU")], by_key[("shared-noise", 0.5, 1, "DU")]
     assert zero["cut_index"] == 0 and half["cut_index"] == 10
     assert zero["client_flops"] == 0 and zero["client_flop_share"] == 0
@@ -230,3 +232,23 @@ def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     assert stamps == [(f / "checkpoint.pt").stat().st_mtime_ns for f in folders]
     with pytest.raises(ConfigError, match="another config"):
         run_sweep(_sweep_config(**{"train.lr": 0.01}), out, progress=False, train=False)
+
+
+def test_sample_copies_columns_find_planted_copies():
+    """The sweep's copy columns (issue 22): a client's own training slices offered as its
+    samples are all near-copies; another hospital's slices score about as its held-out
+    patients' real slices do (the baseline)."""
+    from collafuse.data import ImageSet, to_model
+    from collafuse.evaluation.sweep import sample_copies
+
+    data = np.load(DEFAULT_DATA)
+    images, site = data["images"], data["site"]
+    informative = images.reshape(len(images), -1).max(1) > 0  # black slices copy each other
+    du = images[(site == "DU") & informative]
+    train, held = to_model(du[:1200]), ImageSet(du[1200:])
+    planted = sample_copies(train[::10], train, held)
+    assert planted["samples_near_copies"] == 1.0 and planted["samples_nn_train"] < 1e-4
+    other = sample_copies(to_model(images[(site == "FG") & informative][:200]), train, held)
+    assert abs(other["samples_near_copies"] - other["samples_near_copies_baseline"]) <= 0.1
+    assert other["samples_nn_train"] > 0 and other["samples_nn_holdout"] > 0
+    assert sample_copies(train[:5], train, None)["samples_near_copies_baseline"] is None

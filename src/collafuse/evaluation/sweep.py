@@ -45,6 +45,7 @@ from ..privacy.attacks import tweedie_from_view
 from ..state import save_npz, write_text
 from ..tracking import log_sweep_rows
 from .costs import CostMeter
+from .copies import near_copies, nearest_distances
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
 from .layout import EVALUATION, RESULTS, TRAJECTORY, run_dir
@@ -267,9 +268,6 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
         sampled = meter.rows()
         client_sample = totals(sampled, client_party(cid), ("sampling",))
         server_sample = totals(sampled, SERVER, ("sampling",))
-        # One row per client. Columns computed from its samples (`images`), its training
-        # images (`real`) and its held-out patients (`run.client_holdout.get(cid)`, an ImageSet
-        # or None) join it here, as copy_disclosure's do.
         rows.append({
             "protocol": run.cfg.train.protocol,
             "seed": run.cfg.run.seed,
@@ -291,6 +289,7 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
             "disclosure_mse": mean_pairwise_mse(handover.numpy(), real.numpy()),
             "disclosure_kid": kid_disclosure[0], "disclosure_kid_std": kid_disclosure[1],
             **copy_disclosure(run, cid, handover, seed),
+            **sample_copies(images, real, run.client_holdout.get(cid)),
             **_cost_columns("client", client_train),
             **_cost_columns("server", server_train),
             "client_flop_share": _share(client_train["flops"], server_train["flops"],
@@ -310,6 +309,23 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
                                                indent=2))
     bar.evaluation_done(spec)
     return rows
+
+
+def sample_copies(samples: torch.Tensor, train: torch.Tensor, held) -> dict:
+    """Do a client's published samples copy its patients? Each sample's nearest-neighbour
+    distance (pixels in [-1, 1]) to the client's training images and to its own held-out
+    patients, and the near-copy fraction of the ratio test (:func:`.copies.near_copies`,
+    Carlini et al. 2023) beside its baseline: the same fraction for those held-out patients'
+    real images (None when the hospital holds no patients out)."""
+    held = None if held is None else to_model(held.images)
+    copies = near_copies(samples, train, held)
+    return {
+        "samples_nn_train": float(nearest_distances(samples, train, 1).mean()),
+        "samples_nn_holdout": None if held is None else float(
+            nearest_distances(samples, held, 1).mean()),
+        "samples_near_copies": copies.fraction,
+        "samples_near_copies_baseline": copies.baseline_fraction,
+    }
 
 
 def copy_disclosure(run, client_id: str, handover: torch.Tensor, seed: int) -> dict:
