@@ -1,0 +1,189 @@
+"""Membership inference: SecMI, PIA, the loss attack and their calibrated variants; matched
+non-members; the blind baseline; proof the attacks can see (a planted memorisation case)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEFAULT_DATA
+
+from collafuse.data import ImageSet, to_model
+from collafuse.diffusion import add_noise, make_scheduler
+from collafuse.models import make_unet, predict_noise
+from collafuse.privacy import membership as mia
+from collafuse.protocols import server_message
+from collafuse.server import Server
+
+
+def exact_predictor(scheduler, points: torch.Tensor):
+    """The Bayes-optimal eps_hat(x_t, t) for data uniform on ``points``: Tweedie's
+    E[x0 | x_t] is the softmax-weighted mean of the points, weights
+    exp(-||x_t - sqrt(abar_t) x_i||^2 / (2 (1 - abar_t)))."""
+    flat = points.flatten(1).double()
+
+    def model(x, t):
+        abar = scheduler.alphas_cumprod[t].double().view(-1, 1)
+        xf = x.flatten(1).double()
+        dist = ((xf[:, None] - abar.sqrt()[:, None] * flat[None]) ** 2).sum(-1)
+        x0 = torch.softmax(-dist / (2 * (1 - abar)), dim=1) @ flat
+        return ((xf - abar.sqrt() * x0) / (1 - abar).sqrt()).float().view_as(x)
+    return model
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 60), (30, 100)])  # a client's levels, a server's
+def test_secmi_and_pia_see_the_exact_predictor_of_the_members(lo, hi):
+    scheduler = make_scheduler(100)
+    g = torch.Generator().manual_seed(0)
+    members, nonmembers = (torch.rand((16, 1, 8, 8), generator=g) * 2 - 1 for _ in range(2))
+    model, levels = exact_predictor(scheduler, members), mia.attack_levels(lo, hi, 100)
+    for name in ("secmi", "pia"):
+        member = mia.attack_errors(name, model, scheduler, members, levels)
+        nonmember = mia.attack_errors(name, model, scheduler, nonmembers, levels)
+        # the optimum has seen the members: their path is its own, the error vanishes
+        assert member.max() < 1e-8 < nonmember.min()
+        assert mia.report(-member, -nonmember)["auc"] == 1.0
+        # swapped members and non-members read the same attack backwards
+        assert mia.report(-nonmember, -member)["auc"] == 0.0
+
+
+def test_attack_levels_stay_inside_the_owners_range():
+    assert mia.attack_levels(60, 60, 100) is None
+    assert mia.attack_levels(0, 60, 100) == mia.AttackLevels(0, 60, 0, 10, 2)
+    assert mia.attack_levels(60, 100, 100) == mia.AttackLevels(60, 100, 60, 70, 2)
+    assert mia.attack_levels(99, 100, 100).interval == 0  # one level: no SecMI
+    for lo, hi in [(0, 1), (0, 2), (0, 5), (95, 100), (97, 100), (1, 20), (40, 100)]:
+        lv = mia.attack_levels(lo, hi, 100)
+        assert lo == lv.proximal <= lv.attack < hi and lv.attack + lv.interval < hi
+    with pytest.raises(ValueError, match="SecMI needs two"):
+        mia.secmi_errors(lambda x, t: x, make_scheduler(100), torch.zeros(2, 1, 4, 4),
+                         mia.attack_levels(99, 100, 100))
+
+
+def test_tpr_at_low_fpr_against_a_hand_computed_roc():
+    nonmembers = np.arange(1000.0)
+    members = np.array([995.0, 999.5, 2000.0, 0.0])
+    r = mia.report(members, nonmembers)
+    # 1% FPR: 10 non-members may be flagged, threshold 989: 995, 999.5, 2000 pass
+    assert r["tpr_1"] == 0.75
+    # 0.1% FPR: one may be flagged (999), threshold 998: 999.5 and 2000 pass
+    assert r["tpr_0.1"] == 0.5
+    # AUC by hand: 995 beats 995 non-members, 999.5 and 2000 all 1000, 0 none
+    assert r["auc"] == pytest.approx((995 + 1000 + 1000 + 0) / 4000)
+    for k in ("auc", "tpr_1", "tpr_0.1"):
+        assert r[f"{k}_lo"] <= r[k] <= r[f"{k}_hi"]
+    assert r["tpr_1_lo"] < r["tpr_1_hi"]  # four members: a wide interval
+
+
+def test_calibration_is_the_log_error_ratio():
+    np.testing.assert_allclose(mia.calibrated([1.0, 2.0], [2.0, 2.0]), [np.log(2), 0.0])
+    assert np.isfinite(mia.calibrated([0.0], [1.0])).all()
+
+
+@pytest.fixture(scope="module")
+def lgg():
+    d = np.load(DEFAULT_DATA)
+    return ImageSet(d["images"], {k: d[k] for k in d.files if k != "images"})
+
+
+def hospital_split(lgg, site="DU", seed=0):
+    """(members' pool, candidates): half the hospital's patients each, like a client and its
+    own held-out patients."""
+    rows = lgg.meta["site"] == site
+    patients = np.random.default_rng(seed).permutation(np.unique(lgg.meta["patient"][rows]))
+    half = len(patients) // 2
+    pick = lambda ps: lgg.subset(np.flatnonzero(np.isin(lgg.meta["patient"], ps)))
+    return pick(patients[:half]), pick(patients[half:])
+
+
+def test_matching_leaves_the_blind_baseline_near_chance(lgg):
+    pool, candidates = hospital_split(lgg)
+    # members biased as a careless audit might draw them: tumour slices of mid-volume only
+    feats = mia.matching_features(pool)
+    biased = pool.subset(np.flatnonzero((feats[:, 1] == 1) | (np.abs(feats[:, 0] - 0.5) < 0.2)))
+    mi, ni = mia.match_nonmembers(biased, candidates, 200, seed=0)
+    assert len(mi) >= 150 and len(set(ni.tolist())) == len(ni)
+    fm, fc = mia.matching_features(biased.subset(mi)), mia.matching_features(candidates.subset(ni))
+    assert (fm[:, 1] == fc[:, 1]).all()  # tumour status matched exactly
+    matched = mia.report(*mia.blind_scores(to_model(biased.images[mi]),
+                                           to_model(candidates.images[ni])))
+    ri, rn = mia.random_nonmembers(biased, candidates, len(mi), seed=0)
+    unmatched = mia.report(*mia.blind_scores(to_model(biased.images[ri]),
+                                             to_model(candidates.images[rn])))
+    assert 0.45 <= matched["auc"] <= 0.55
+    assert unmatched["auc"] > 0.65  # matching disabled: the images alone tell them apart
+
+
+def test_matching_draws_members_from_as_many_patients_as_the_non_members(lgg):
+    pool, candidates = hospital_split(lgg)
+    few = candidates.subset(np.flatnonzero(np.isin(candidates.meta["patient"],
+                                                   np.unique(candidates.meta["patient"])[:5])))
+    mi, ni = mia.match_nonmembers(pool, few, 500)
+    assert len(np.unique(pool.meta["patient"][mi])) <= 5 < len(np.unique(pool.meta["patient"]))
+
+
+PLANTED_T, PLANTED_CUT, PLANTED_SIZE = 20, 6, 16
+
+
+def train_server(images: torch.Tensor, steps: int, seed: int = 0) -> Server:
+    """A tiny server model trained on ``images`` alone at its levels t >= s, many epochs."""
+    torch.manual_seed(seed)
+    server = Server(make_unet("tiny", PLANTED_SIZE), make_scheduler(PLANTED_T), PLANTED_CUT,
+                    "shared-noise", (1, PLANTED_SIZE, PLANTED_SIZE), lr=5e-3, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        t = torch.randint(PLANTED_CUT, PLANTED_T, (len(images),), generator=g)
+        eps = torch.randn(images.shape, generator=g)
+        x_t = add_noise(server.scheduler, images, eps, t)
+        server.train_step([server_message("shared-noise", "A", x_t, t, eps, None, PLANTED_CUT)])
+    return server
+
+
+@pytest.fixture(scope="module")
+def planted(lgg):
+    """64 members, 64 matched non-members (other patients of the same hospital) and, for the
+    calibration, 64 images of a third set of patients; 16x16."""
+    pool, candidates = hospital_split(lgg)
+    mi, ni = mia.match_nonmembers(pool, candidates, 128, seed=0)
+    small = lambda s, rows: F.avg_pool2d(to_model(s.images[rows]), 2)
+    members, nonmembers = small(pool, mi[:64]), small(candidates, ni[:64])
+    others = lgg.subset(np.flatnonzero(lgg.meta["site"] == "HT")[::8][:64])
+    return members, nonmembers, small(others, np.arange(len(others)))
+
+
+def planted_aucs(target, reference, members, nonmembers):
+    scheduler = make_scheduler(PLANTED_T)
+    levels = mia.attack_levels(PLANTED_CUT, PLANTED_T, PLANTED_T)
+    net = lambda server: (lambda x, t: predict_noise(server.model.eval(), x, t))
+    out = {}
+    for name in mia.ATTACKS:
+        err = [[mia.attack_errors(name, net(s), scheduler, x, levels) for x in (members,
+                                                                                   nonmembers)]
+               for s in (target, reference)]
+        out[name] = mia.roc_auc(-err[0][0], -err[0][1])
+        out[f"{name}-cal"] = mia.roc_auc(mia.calibrated(err[0][0], err[1][0]),
+                                         mia.calibrated(err[0][1], err[1][1]))
+    return out
+
+
+def test_planted_memorisation_is_seen_by_every_attack(planted):
+    members, nonmembers, others = planted
+    memorised = train_server(members, steps=400)
+    reference = train_server(others, steps=400, seed=1)
+    auc = planted_aucs(memorised, reference, members, nonmembers)
+    assert auc["secmi"] >= 0.95 and auc["pia"] >= 0.95, auc
+    assert min(auc.values()) >= 0.9, auc
+    # members and non-members swapped: the same attack reads it backwards
+    swapped = planted_aucs(memorised, reference, nonmembers, members)
+    assert max(swapped.values()) <= 0.1, swapped
+
+
+def test_untrained_model_and_blind_baseline_are_chance_after_matching(lgg):
+    pool, candidates = hospital_split(lgg)
+    mi, ni = mia.match_nonmembers(pool, candidates, 256, seed=0)
+    members = F.avg_pool2d(to_model(pool.images[mi]), 2)
+    nonmembers = F.avg_pool2d(to_model(candidates.images[ni]), 2)
+    untrained = train_server(members, steps=0)
+    auc = planted_aucs(untrained, train_server(members, steps=0, seed=1), members, nonmembers)
+    assert all(0.45 <= v <= 0.55 for v in auc.values()), auc
+    blind = mia.report(*mia.blind_scores(members, nonmembers))
+    assert 0.45 <= blind["auc"] <= 0.55
