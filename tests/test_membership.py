@@ -30,20 +30,27 @@ def exact_predictor(scheduler, points: torch.Tensor):
     return model
 
 
-@pytest.mark.parametrize("lo, hi", [(0, 60), (30, 100)])  # a client's levels, a server's
+@pytest.mark.parametrize("lo, hi", [(0, 60), (30, 100), (60, 100)])  # client's, server's
 def test_secmi_and_pia_see_the_exact_predictor_of_the_members(lo, hi):
+    """The known optimum: the exact noise predictor of 16 member points. Non-members are
+    mixtures 0.6 x_i + 0.4 x_j of two members: off the member set, inside a member's basin."""
     scheduler = make_scheduler(100)
     g = torch.Generator().manual_seed(0)
-    members, nonmembers = (torch.rand((16, 1, 8, 8), generator=g) * 2 - 1 for _ in range(2))
+    members = torch.rand((16, 1, 8, 8), generator=g) * 2 - 1
+    nonmembers = 0.6 * members + 0.4 * members.roll(1, 0)
     model, levels = exact_predictor(scheduler, members), mia.attack_levels(lo, hi, 100)
     for name in ("secmi", "pia"):
         member = mia.attack_errors(name, model, scheduler, members, levels)
         nonmember = mia.attack_errors(name, model, scheduler, nonmembers, levels)
-        # the optimum has seen the members: their path is its own, the error vanishes
-        assert member.max() < 1e-8 < nonmember.min()
+        assert member.max() < nonmember.min()
         assert mia.report(-member, -nonmember)["auc"] == 1.0
         # swapped members and non-members read the same attack backwards
         assert mia.report(-nonmember, -member)["auc"] == 0.0
+    # where the posterior sits on the member (the client's levels, the server's at c = 0.3),
+    # the optimum's path through a member is its own: both errors vanish
+    if lo < 60:
+        assert mia.pia_errors(model, scheduler, members, levels).max() < 1e-10
+        assert mia.secmi_errors(model, scheduler, members, levels).max() < 1e-12
 
 
 def test_attack_levels_stay_inside_the_owners_range():
@@ -67,8 +74,9 @@ def test_tpr_at_low_fpr_against_a_hand_computed_roc():
     assert r["tpr_1"] == 0.75
     # 0.1% FPR: one may be flagged (999), threshold 998: 999.5 and 2000 pass
     assert r["tpr_0.1"] == 0.5
-    # AUC by hand: 995 beats 995 non-members, 999.5 and 2000 all 1000, 0 none
-    assert r["auc"] == pytest.approx((995 + 1000 + 1000 + 0) / 4000)
+    # AUC by hand: 995 beats 995 non-members and ties one (a half), 999.5 and 2000 beat all
+    # 1000, 0 ties one
+    assert r["auc"] == pytest.approx((995.5 + 1000 + 1000 + 0.5) / 4000)
     for k in ("auc", "tpr_1", "tpr_0.1"):
         assert r[f"{k}_lo"] <= r[k] <= r[f"{k}_hi"]
     assert r["tpr_1_lo"] < r["tpr_1_hi"]  # four members: a wide interval
@@ -97,18 +105,18 @@ def hospital_split(lgg, site="DU", seed=0):
 
 def test_matching_leaves_the_blind_baseline_near_chance(lgg):
     pool, candidates = hospital_split(lgg)
-    # members biased as a careless audit might draw them: tumour slices of mid-volume only
+    # members biased as a careless audit might draw them: mid-volume slices only
     feats = mia.matching_features(pool)
-    biased = pool.subset(np.flatnonzero((feats[:, 1] == 1) | (np.abs(feats[:, 0] - 0.5) < 0.2)))
+    biased = pool.subset(np.flatnonzero(np.abs(feats[:, 0] - 0.5) < 0.25))
     mi, ni = mia.match_nonmembers(biased, candidates, 200, seed=0)
-    assert len(mi) >= 150 and len(set(ni.tolist())) == len(ni)
+    assert len(mi) >= 100 and len(set(ni.tolist())) == len(ni)
     fm, fc = mia.matching_features(biased.subset(mi)), mia.matching_features(candidates.subset(ni))
     assert (fm[:, 1] == fc[:, 1]).all()  # tumour status matched exactly
-    matched = mia.report(*mia.blind_scores(to_model(biased.images[mi]),
-                                           to_model(candidates.images[ni])))
-    ri, rn = mia.random_nonmembers(biased, candidates, len(mi), seed=0)
-    unmatched = mia.report(*mia.blind_scores(to_model(biased.images[ri]),
-                                             to_model(candidates.images[rn])))
+    def blind(m, n):
+        return mia.report(*mia.blind_scores(to_model(biased.images[m]),
+                                            to_model(candidates.images[n])))
+    matched = blind(mi, ni)
+    unmatched = blind(*mia.random_nonmembers(biased, candidates, len(mi), seed=0))
     assert 0.45 <= matched["auc"] <= 0.55
     assert unmatched["auc"] > 0.65  # matching disabled: the images alone tell them apart
 

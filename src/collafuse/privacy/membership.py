@@ -189,18 +189,23 @@ def report(member_scores, nonmember_scores, num_boot: int = 200, seed: int = 0,
 # ------------------------------------------------------------------------- blind baseline
 
 def blind_features(images: torch.Tensor) -> torch.Tensor:
-    """(N, 28) features anyone can compute without a model: the image pooled to 4x4 (layout),
-    an 8-bin intensity histogram, the mean, the standard deviation, the fraction of non-background
-    pixels and the mean absolute horizontal and vertical differences (texture)."""
+    """(N, 13) global features anyone can compute without a model: an 8-bin intensity
+    histogram, the mean, the standard deviation, the fraction of non-background pixels and the
+    mean absolute horizontal and vertical differences (texture).
+
+    No layout features (the image pooled to a grid): members and non-members are different
+    patients, and with layout a classifier cross-validated over slices learns to recognise the
+    patients whose other slices it trained on (on matched DU sets, AUC 0.82 with a 4x4 layout
+    against 0.48 without), which no attack on a new image can do.
+    """
     x = images.double().mean(dim=1, keepdim=True)  # channels averaged
-    pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
     flat = x.flatten(1)
     edges = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64)[1:-1]
     bins = torch.bucketize(flat, edges)
     hist = torch.stack([(bins == b).double().mean(dim=1) for b in range(8)], dim=1)
     texture = torch.stack([x.diff(dim=-1).abs().flatten(1).mean(1),
                            x.diff(dim=-2).abs().flatten(1).mean(1)], dim=1)
-    return torch.cat([pooled, hist, flat.mean(1, keepdim=True), flat.std(1, keepdim=True),
+    return torch.cat([hist, flat.mean(1, keepdim=True), flat.std(1, keepdim=True),
                       (flat > -0.95).double().mean(1, keepdim=True), texture], dim=1)
 
 
@@ -222,8 +227,8 @@ def _logistic_fit(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
 
 def blind_scores(member_images: torch.Tensor, nonmember_images: torch.Tensor, folds: int = 5,
                  seed: int = 0, l2: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold member probabilities of a logistic regression on :func:`blind_features`,
-    cross-validated over ``folds`` stratified folds: (member scores, non-member scores).
+    """Out-of-fold member scores (logits) of a logistic regression on :func:`blind_features`,
+    cross-validated over ``folds`` folds stratified by label: (member scores, non-member scores).
 
     No model is queried: whatever this separates, members and non-members differ in by
     themselves, and a model attack's claim counts only beyond it.
@@ -246,13 +251,16 @@ def blind_scores(member_images: torch.Tensor, nonmember_images: torch.Tensor, fo
 
 # ------------------------------------------------------------------------- matching
 
-MATCH_FEATURES = ("slice position", "tumour", "mean intensity", "intensity std")
+MATCH_FEATURES = ("slice position", "tumour", "mean intensity", "intensity std",
+                  "foreground fraction")
+_CONTINUOUS = [0, 2, 3, 4]  # all but tumour, which is matched exactly
 
 
 def matching_features(images: ImageSet) -> np.ndarray:
-    """(N, 4): relative slice position in its patient's volume (0 at the first slice, 1 at the
+    """(N, 5): relative slice position in its patient's volume (0 at the first slice, 1 at the
     last; 0.5 without slice metadata), tumour or not (0 without the field), mean and standard
-    deviation of the pixel values."""
+    deviation of the pixel values in [0, 1], and the fraction of pixels above 0.025 (the
+    head's area: background is black)."""
     x = images.images.reshape(len(images), -1).astype(np.float64) / 255.0
     position = np.full(len(images), 0.5)
     if "slice_index" in images.meta and "patient" in images.meta:
@@ -263,7 +271,7 @@ def matching_features(images: ImageSet) -> np.ndarray:
             position[rows] = (index[rows] - lo) / max(hi - lo, 1.0)
     tumour = (images.meta["tumor_pixels"] > 0).astype(float) if "tumor_pixels" in images.meta \
         else np.zeros(len(images))
-    return np.stack([position, tumour, x.mean(1), x.std(1)], axis=1)
+    return np.stack([position, tumour, x.mean(1), x.std(1), (x > 0.025).mean(1)], axis=1)
 
 
 def match_nonmembers(members: ImageSet, candidates: ImageSet, num_pairs: int, seed: int = 0,
@@ -286,7 +294,7 @@ def match_nonmembers(members: ImageSet, candidates: ImageSet, num_pairs: int, se
             keep = rng.choice(patients, count, replace=False)
             pool = np.flatnonzero(np.isin(members.meta["patient"], keep))
     fm, fc = matching_features(members), matching_features(candidates)
-    scale = fc[:, [0, 2, 3]].std(0)
+    scale = fc[:, _CONTINUOUS].std(0)
     scale[scale == 0] = 1.0
     used = np.zeros(len(candidates), dtype=bool)
     pairs = []
@@ -294,7 +302,7 @@ def match_nonmembers(members: ImageSet, candidates: ImageSet, num_pairs: int, se
         free = np.flatnonzero(~used & (fc[:, 1] == fm[i, 1]))
         if len(free) == 0:
             continue
-        dist = np.sqrt((((fc[free][:, [0, 2, 3]] - fm[i, [0, 2, 3]]) / scale) ** 2).sum(1))
+        dist = np.sqrt((((fc[free][:, _CONTINUOUS] - fm[i, _CONTINUOUS]) / scale) ** 2).sum(1))
         j = int(np.argmin(dist))
         if dist[j] <= caliper:
             used[free[j]] = True
