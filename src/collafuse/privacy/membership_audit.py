@@ -217,20 +217,24 @@ def membership_markdown(rows: list[dict]) -> str:
                      f"| {s['auc']:.3f} | {_pct(s['tpr_1'])} [{_pct(s['tpr_1_lo'])}, "
                      f"{_pct(s['tpr_1_hi'])}] | {_pct(s['blind_tpr_1'])} | "
                      f"{100 * s['over_blind']:+.1f} pt |")
-    lines += ["", "| c | client | target | attack | AUC [95%] | untrained AUC | TPR@1% [95%] | "
-              "TPR@0.1% | over blind | levels |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| c | client (pairs) | target | attack | AUC [95%] | untrained AUC | "
+              "TPR@1% [95%] | TPR@0.1% | over blind | levels |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         untrained = r.get("untrained_auc")
         lines.append(
-            f"| {r['cut_ratio']:g} | {r['client']} | {r['target']} | {r['attack']} | "
+            f"| {r['cut_ratio']:g} | {r['client']} ({r['num_members']}) | {r['target']} | "
+            f"{r['attack']} | "
             f"{r['auc']:.3f} [{r['auc_lo']:.2f}, {r['auc_hi']:.2f}] | "
             f"{'-' if untrained is None else f'{untrained:.3f}'} | {_pct(r['tpr_1'])} "
             f"[{_pct(r['tpr_1_lo'])}, {_pct(r['tpr_1_hi'])}] | {_pct(r['tpr_0.1'])} | "
             f"{100 * r['over_blind']:+.1f} pt | {r.get('levels', '')} |")
     first = rows[0] if rows else {}
     if first:
-        lines += ["", (f"{first['num_members']} members and {first['num_nonmembers']} "
-                       f"non-members per client ({first['nonmembers']}); calibration "
+        lines += ["", (f"Matched pairs per client in brackets (non-members: "
+                       f"{first['nonmembers']}); a client with few pairs gives coarse, noisy "
+                       f"figures (with n non-members, TPR at 1% FPR moves in steps of 1/n and "
+                       f"allows floor(n / 100) false positives); calibration "
                        f"reference: {REFERENCE}, {first['reference_rounds']} rounds, "
                        f"{first['reference_seconds']:.0f} s to train."), ""]
     return "\n".join(lines) + "\n"
