@@ -1,5 +1,6 @@
 """Privacy audit: the attacks do what they claim, the accounting matches closed forms."""
 
+import json
 import math
 import os
 from types import SimpleNamespace
@@ -318,8 +319,21 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
 
     run_training(tiny_config(**{"train.protocol": '"noisy-data"'}), tmp_path / "c=0.5",
                  progress=False)
-    assert main(["audit", str(tmp_path), "--num-images", "8"]) == 0
+    assert main(["audit", str(tmp_path), "--num-images", "8", "--reference-rounds", "2"]) == 0
     rows = load_privacy_rows(tmp_path)
+    member_rows = json.loads((tmp_path / "membership.json").read_text())["rows"]
+    attacks_seen = {(r["client"], r["target"], r["attack"]) for r in member_rows}
+    for client in ("DU", "HT"):
+        for target in ("server", "client"):  # c = 0.5: both own levels, SecMI included
+            for attack in ("loss", "secmi", "pia", "loss-cal", "secmi-cal", "pia-cal"):
+                assert (client, target, attack) in attacks_seen
+        assert {(client, "none", "blind"), (client, "samples", "nearest generated")} <= \
+            attacks_seen
+    for r in member_rows:
+        assert 0 <= r["auc_lo"] <= r["auc"] <= r["auc_hi"] <= 1
+        assert r["over_blind"] == pytest.approx(r["tpr_1"] - next(
+            b["tpr_1"] for b in member_rows if b["client"] == r["client"]
+            and b["attack"] == "blind"))
     assert {(r["client"], r["protocol"], r["trained"]) for r in rows} == {
         (c, p, p == "noisy-data") for c in ("DU", "HT") for p in ("shared-noise", "noisy-data")}
     from collafuse.privacy.audit import R_NOT_NEEDED, SAME_HOSPITAL
@@ -338,6 +352,7 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     md = (tmp_path / "privacy.md").read_text()
     assert "| 0.5 | 10 | noisy-data | trained |" in md
     assert "(untrained " in md and "n/a: exact from eps" in md
+    assert "## Membership inference (matched non-members, blind baseline)" in md
     assert (tmp_path / "privacy.csv").read_text().startswith("run,cut_ratio")
     assert main(["audit", str(tmp_path / "nothing")]) == 2
 

@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("-n", "--num-images", type=int, default=128,
                        help="images per client attacked (and hold-out images compared)")
     audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--reference-rounds", type=int, default=None,
+                       help="rounds of the calibration reference models, trained on the "
+                       "run's hold-out set (default 300; 0: no calibrated attacks)")
     _add_device(audit, "each run's run.device")
     audit.set_defaults(func=_audit)
 
@@ -268,12 +271,18 @@ def _sample(args) -> None:
 
 def _audit(args) -> None:
     from .privacy.audit import audit
+    from .privacy.membership_audit import DEFAULT_REFERENCE_ROUNDS
 
+    rounds = DEFAULT_REFERENCE_ROUNDS if args.reference_rounds is None else args.reference_rounds
     if args.num_images < 1:
         raise ValueError(f"--num-images: expected an integer >= 1, got {args.num_images}")
-    audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed, device=args.device)
+    if rounds < 0:
+        raise ValueError(f"--reference-rounds: expected an integer >= 0, got {rounds}")
+    audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed, device=args.device,
+          reference_rounds=rounds)
     out = args.out or args.run_dir
-    print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json)")
+    print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json, membership.csv, "
+          "membership.json)")
 
 
 def _seed_list(text: str) -> list[int]:

@@ -101,6 +101,23 @@ def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, eps: torch.Tensor,
     return abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
 
 
+def x0_from_eps(scheduler: DDPMScheduler, x_t: torch.Tensor, eps_hat: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), add_noise solved for x0 (Ho et
+    al. 2020, eq. 15), unclipped; with the Bayes-optimal eps_hat it is Tweedie's E[x0 | x_t]."""
+    abar = _per_sample(scheduler.alphas_cumprod, t, x_t)
+    return (x_t - (1.0 - abar).sqrt() * eps_hat) / abar.sqrt()
+
+
+def ddim_move(scheduler: DDPMScheduler, x_t: torch.Tensor, eps_hat: torch.Tensor,
+              t: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM update (Song et al. 2021, eq. 12 with sigma = 0) from level t to
+    level t_to, either way: add_noise(x0_hat, eps_hat, t_to). Up (t_to > t) it is the DDIM
+    inversion step; down, the DDIM sampling step, unclipped so that the two invert each other
+    where eps_hat does not change."""
+    return add_noise(scheduler, x0_from_eps(scheduler, x_t, eps_hat, t), eps_hat, t_to)
+
+
 def eps_from_output(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor,
                     t: torch.Tensor, prediction: str = "epsilon") -> torch.Tensor:
     """eps_hat from a model's output: the output itself for ``epsilon``; for ``v`` (Salimans &

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from ..diffusion import add_noise, handover_view, renoise_coefficients
+from ..diffusion import add_noise, handover_view, renoise_coefficients, x0_from_eps
 from ..evaluation.disclosure import nearest_neighbour_mse, psnr, ssim
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,8 +96,7 @@ def tweedie_estimate(model: Denoiser, scheduler: DDPMScheduler, x_t: torch.Tenso
                      t: torch.Tensor) -> torch.Tensor:
     """One-step Tweedie estimate E[x0 | x_t] = (x_t - sqrt(1 - abar_t) eps_hat(x_t, t)) / sqrt(abar_t),
     clipped to [-1, 1] (Efron 2011; Ho et al. 2020, eq. 15)."""
-    abar = _abar(scheduler, t, x_t)
-    return ((x_t - (1.0 - abar).sqrt() * model(x_t, t)) / abar.sqrt()).clamp(-1.0, 1.0)
+    return x0_from_eps(scheduler, x_t, model(x_t, t), t).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

@@ -42,10 +42,12 @@ from ..protocols import PROTOCOLS, server_message
 from ..state import write_text
 from . import attacks
 from .accounting import DEFAULT_DELTA, explain, protocol_privacy
+from .membership_audit import DEFAULT_REFERENCE_ROUNDS, membership_markdown, membership_rows
 
 AVERAGING_KS = (1, 2, 4, 8, 16, 32, 64)
 REPLAY_OFFSETS = range(-4, 5)  # seed + k: how far the server looks around each derived seed
-FILES = ("privacy.csv", "privacy.json", "privacy.md")
+FILES = ("privacy.csv", "privacy.json", "privacy.md",
+         "membership.csv", "membership.json")
 SAME_HOSPITAL = "same-hospital patients"
 R_NOT_NEEDED = "not needed: exact from eps"
 
@@ -246,18 +248,28 @@ def _model_attacks(model, untrained, scheduler, steps, members, nonmembers, samp
 
 def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128,
           seed: int = 0, delta: float = DEFAULT_DELTA, progress: bool = True,
-          device: str | None = None) -> list[dict]:
-    """Audit a run or sweep folder; write privacy.csv/json/md into ``out`` (default: path)."""
+          device: str | None = None,
+          reference_rounds: int = DEFAULT_REFERENCE_ROUNDS) -> list[dict]:
+    """Audit a run or sweep folder; write privacy.csv/json/md and membership.csv/json into
+    ``out`` (default: path). ``reference_rounds``: training of the calibration reference
+    (:mod:`collafuse.privacy.membership_audit`; 0: no calibrated attacks)."""
     runs = find_runs(path)
     rows = [row for run_dir in runs
             for row in audit_run(run_dir, num_images, seed, delta, progress, device)]
+    member_rows = [row for run_dir in runs
+                   for row in membership_rows(run_dir, num_images, seed, reference_rounds,
+                                              progress, device)]
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "privacy.csv", to_csv(rows))
     write_text(out / "privacy.json", json.dumps(
         {"delta": delta, "num_images": num_images, "seed": seed, "rows": _jsonable(rows)},
         indent=2, allow_nan=False))
-    markdown = to_markdown(rows)
+    write_text(out / "membership.csv", to_csv(member_rows))
+    write_text(out / "membership.json", json.dumps(
+        {"num_images": num_images, "seed": seed, "reference_rounds": reference_rounds,
+         "rows": _jsonable(member_rows)}, indent=2, allow_nan=False))
+    markdown = to_markdown(rows) + "\n" + membership_markdown(member_rows)
     results = Path(path) / "results.json"
     if results.is_file():
         markdown += "\n" + tradeoff_markdown(rows, json.loads(results.read_text()), out)

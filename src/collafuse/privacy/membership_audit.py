@@ -1,0 +1,242 @@
+"""Membership inference on a finished run: the server's model, each client's model and each
+client's published samples, against matched non-members, a blind baseline and controls.
+
+:func:`membership_rows` takes a run folder and returns one row per (client, target, attack):
+
+- target ``server``: the server's published model (EMA weights where kept), attacked on the
+  levels it owns, t >= s (a curious server can query only its own model);
+- target ``client``: the client's model on its levels t < s (the hospital publishing its half);
+- target ``samples``: the hospital's generated images (split inference, as published), by
+  nearest-neighbour distance (:func:`collafuse.privacy.membership.sample_distance_scores`);
+- ``blind``: no model at all (:func:`collafuse.privacy.membership.blind_scores`), on the same
+  matched sets, and ``blind (unmatched)`` on random sets, to show what matching removed.
+
+Members are the client's training images, non-members its own held-out patients (same
+hospital) where the run has them, else the run's hold-out set, matched by
+:func:`collafuse.privacy.membership.match_nonmembers`. Each model attack is also run on an
+untrained model of the same architecture (``untrained_auc``: about 0.5 if the matching worked)
+and, calibrated, against one reference pair (server and client model) trained with the run's
+own recipe for ``reference_rounds`` rounds on the run's hold-out set, which holds no patient of
+any client (``reference``: what it was trained on; its cost, ``reference_seconds``, is one
+client's training for that many rounds). ``over_blind``: the attack's TPR at 1% FPR minus the
+blind baseline's on the same sets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import ImageSet, to_model
+from . import membership as mia
+
+DEFAULT_REFERENCE_ROUNDS = 300
+REFERENCE = "run hold-out set (no patient of any client)"
+
+
+def _published(party):
+    """A party's published noise predictor: its EMA weights where kept, as sampling uses."""
+    net = party.ema.model if party.ema else party.model
+    net.eval()
+    return lambda x, t: party.predict(net, x, t)
+
+
+def train_reference(cfg, images: ImageSet, rounds: int, client_id: str,
+                    progress: bool = False) -> tuple:
+    """(server, client) of the run's architecture and recipe, trained together for ``rounds``
+    rounds on ``images`` alone (a one-client run; the client's secret is fresh)."""
+    from ..factory import make_client, make_server
+
+    server = make_server(cfg)
+    client = make_client(cfg, client_id, images, os.urandom(32))
+    for r in range(rounds):
+        messages = client.train_round(cfg.train.batches_per_round)
+        server.train_step(messages)
+        if progress and (r + 1) % 100 == 0:
+            print(f"  reference model: round {r + 1}/{rounds}", flush=True)
+    return server, client
+
+
+def _rows_for(target: str, levels, models: dict, scheduler, members, nonmembers, seed,
+              blind_tpr: float) -> list[dict]:
+    """Rows of the three attacks and their calibrated variants on one target's levels."""
+    rows = []
+    desc = (f"t in [{levels.lo}, {levels.hi}); proximal t0 = {levels.proximal}, "
+            f"error at t = {levels.attack}, SecMI step {levels.interval}")
+    for name in mia.ATTACKS:
+        if name == "secmi" and levels.interval < 1:
+            continue
+        err = {k: (mia.attack_errors(name, m, scheduler, members, levels, seed),
+                   mia.attack_errors(name, m, scheduler, nonmembers, levels, seed))
+               for k, m in models.items() if m is not None}
+        untrained = mia.roc_auc(-err["untrained"][0], -err["untrained"][1])
+        variants = [(name, -err["target"][0], -err["target"][1], "")]
+        if "reference" in err:
+            variants.append((f"{name}-cal",
+                             mia.calibrated(err["target"][0], err["reference"][0]),
+                             mia.calibrated(err["target"][1], err["reference"][1]), REFERENCE))
+        for attack, pos, neg, reference in variants:
+            stats = mia.report(pos, neg, seed=seed)
+            rows.append({"target": target, "attack": attack, "levels": desc,
+                         "reference": reference, "untrained_auc": untrained, **stats,
+                         "over_blind": stats["tpr_1"] - blind_tpr})
+    return rows
+
+
+def _reference_split(run, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(the reference models' training set, the non-member pool of clients without held-out
+    patients of their own): the run's hold-out set whole where every client has its own
+    non-members, else split by patient in half, since a non-member the reference trained on
+    would read the calibration backwards."""
+    from ..data.partition import split_holdout
+
+    if all(len(run.client_holdout.get(cid, ())) for cid in run.clients):
+        return run.holdout, run.holdout.subset([])
+    return split_holdout(run.holdout, holdout_fraction=0.5, seed=seed)
+
+
+def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
+                    reference_rounds: int = DEFAULT_REFERENCE_ROUNDS, progress: bool = True,
+                    device: str | None = None) -> list[dict]:
+    """The membership rows of one run folder (see the module's docstring)."""
+    from ..engines.local import load_run
+    from ..factory import load_client_data, make_client, make_server
+    from .audit import nonmember_set
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, device=device)
+    cfg, server = run.cfg, run.server
+    data = load_client_data(cfg)  # the run's ImageSets, with the metadata matching needs
+    scheduler, cut, num_timesteps = server.scheduler, server.cut, server.num_timesteps
+    targets = {"server": mia.attack_levels(cut, num_timesteps, num_timesteps),
+               "client": mia.attack_levels(0, cut, num_timesteps)}
+    untrained_server = _published(make_server(cfg))
+    reference_set, shared_pool = _reference_split(run, seed)
+    reference, ref_seconds = None, 0.0
+    if reference_rounds > 0 and len(reference_set) > 0:
+        if progress:
+            print(f"membership {run_dir.name}: reference models, {reference_rounds} rounds "
+                  f"on {len(reference_set)} hold-out images", flush=True)
+        start = time.perf_counter()
+        reference = train_reference(cfg, reference_set, reference_rounds,
+                                    next(iter(run.clients)), progress)
+        ref_seconds = time.perf_counter() - start
+    rows = []
+    for cid, client in run.clients.items():
+        if progress:
+            print(f"membership {run_dir.name}: client {cid}", flush=True)
+        candidates, label = nonmember_set(run, cid)
+        if candidates is run.holdout:  # the reference's patients are no candidates
+            candidates = shared_pool
+        mi, ni = mia.match_nonmembers(data.clients[cid], candidates, num_images, seed)
+        if len(mi) < 2:
+            raise ValueError(f"{run_dir}: client {cid}: fewer than 2 matched non-members")
+        members, nonmembers = client.images[torch.from_numpy(mi)], \
+            to_model(candidates.images[ni])
+        blind = mia.report(*mia.blind_scores(members, nonmembers, seed=seed), seed=seed)
+        ri, rn = mia.random_nonmembers(data.clients[cid], candidates, len(mi), seed)
+        unmatched = mia.report(*mia.blind_scores(client.images[torch.from_numpy(ri)],
+                                                 to_model(candidates.images[rn]), seed=seed),
+                               seed=seed)
+        client_rows = [{"target": "none", "attack": "blind", **blind, "over_blind": 0.0},
+                       {"target": "none", "attack": "blind (unmatched)", **unmatched,
+                        "over_blind": unmatched["tpr_1"] - blind["tpr_1"]}]
+        parties = {"server": (_published(server), untrained_server,
+                              _published(reference[0]) if reference else None),
+                   "client": (_published(client),
+                              _published(make_client(cfg, cid, data.clients[cid],
+                                                     os.urandom(32))),
+                              _published(reference[1]) if reference else None)}
+        for target, levels in targets.items():
+            if levels is None:
+                continue
+            models = dict(zip(("target", "untrained", "reference"), parties[target]))
+            client_rows += _rows_for(target, levels, models, scheduler, members, nonmembers,
+                                     seed, blind["tpr_1"])
+        samples, _ = run.sample(cid, len(mi), seed)
+        stats = mia.report(mia.sample_distance_scores(samples, members),
+                           mia.sample_distance_scores(samples, nonmembers), seed=seed)
+        client_rows.append({"target": "samples", "attack": "nearest generated", **stats,
+                            "levels": f"{len(samples)} generated images",
+                            "over_blind": stats["tpr_1"] - blind["tpr_1"]})
+        for row in client_rows:
+            rows.append({"run": str(run_dir), "cut_ratio": cfg.diffusion.cut_ratio,
+                         "cut_index": cut, "protocol": cfg.train.protocol, "client": cid,
+                         "num_members": len(mi), "num_nonmembers": len(ni),
+                         "nonmembers": label, "reference_rounds": reference_rounds,
+                         "reference_seconds": ref_seconds, **row})
+    return rows
+
+
+def strongest(rows: list[dict]) -> list[dict]:
+    """Per (run, protocol, cut ratio, target): the model attack with the largest TPR at 1% FPR,
+    with the blind baseline's and the difference; means over clients weighted by their matched
+    pairs (a client with 4 pairs moves TPR in steps of 25%)."""
+    out = []
+    keys = sorted({(r["run"], r["protocol"], r["cut_ratio"], r["target"]) for r in rows
+                   if r["target"] != "none"}, key=lambda k: (k[2], k[1], k[3], k[0]))
+
+    def mean(group, key):
+        return float(np.average([r[key] for r in group],
+                                weights=[r["num_members"] for r in group]))
+    for run, protocol, c, target in keys:
+        by_attack = {}
+        for r in rows:
+            if (r["run"], r["protocol"], r["cut_ratio"], r["target"]) == (run, protocol, c,
+                                                                           target):
+                by_attack.setdefault(r["attack"], []).append(r)
+        attack, best = max(by_attack.items(), key=lambda kv: mean(kv[1], "tpr_1"))
+        blind = [r for r in rows if r["run"] == run and r["attack"] == "blind"]
+        out.append({"run": run, "protocol": protocol, "cut_ratio": c, "target": target,
+                    "attack": attack, "blind_tpr_1": mean(blind, "tpr_1"),
+                    **{k: mean(best, k) for k in ("auc", "tpr_1", "tpr_1_lo", "tpr_1_hi",
+                                                  "over_blind")}})
+    return out
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def membership_markdown(rows: list[dict]) -> str:
+    """The membership section of privacy.md: the strongest attack per target, then all rows."""
+    lines = ["## Membership inference (matched non-members, blind baseline)", "",
+             ("Members: each client's training images; non-members: its held-out patients, "
+              "matched on slice position, tumour, intensity and patient count. First table: "
+              "means over clients weighted by matched pairs. TPR at 1% FPR "
+              "(chance: 1%); over blind = that TPR minus the blind baseline's (a classifier on "
+              "the images alone, no model). Intervals: 95% bootstrap. An attack shows "
+              "membership only where its TPR interval lies above the blind baseline's TPR and "
+              "the untrained model's AUC is near 0.5."), "",
+             "| c | protocol | target | strongest attack | AUC | TPR@1%FPR [95%] | blind TPR | "
+             "over blind |", "|---|---|---|---|---|---|---|---|"]
+    for s in strongest(rows):
+        lines.append(f"| {s['cut_ratio']:g} | {s['protocol']} | {s['target']} | {s['attack']} "
+                     f"| {s['auc']:.3f} | {_pct(s['tpr_1'])} [{_pct(s['tpr_1_lo'])}, "
+                     f"{_pct(s['tpr_1_hi'])}] | {_pct(s['blind_tpr_1'])} | "
+                     f"{100 * s['over_blind']:+.1f} pt |")
+    lines += ["", "| c | client (pairs) | target | attack | AUC [95%] | untrained AUC | "
+              "TPR@1% [95%] | TPR@0.1% | over blind | levels |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        untrained = r.get("untrained_auc")
+        lines.append(
+            f"| {r['cut_ratio']:g} | {r['client']} ({r['num_members']}) | {r['target']} | "
+            f"{r['attack']} | "
+            f"{r['auc']:.3f} [{r['auc_lo']:.2f}, {r['auc_hi']:.2f}] | "
+            f"{'-' if untrained is None else f'{untrained:.3f}'} | {_pct(r['tpr_1'])} "
+            f"[{_pct(r['tpr_1_lo'])}, {_pct(r['tpr_1_hi'])}] | {_pct(r['tpr_0.1'])} | "
+            f"{100 * r['over_blind']:+.1f} pt | {r.get('levels', '')} |")
+    first = rows[0] if rows else {}
+    if first:
+        lines += ["", (f"Matched pairs per client in brackets (non-members: "
+                       f"{first['nonmembers']}); a client with few pairs gives coarse, noisy "
+                       f"figures (with n non-members, TPR at 1% FPR moves in steps of 1/n and "
+                       f"allows floor(n / 100) false positives); calibration "
+                       f"reference: {REFERENCE}, {first['reference_rounds']} rounds, "
+                       f"{first['reference_seconds']:.0f} s to train."), ""]
+    return "\n".join(lines) + "\n"
