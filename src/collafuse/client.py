@@ -140,7 +140,7 @@ class Client(Party):
         """One step on the client's own levels alone: local_batch_size fresh images, t uniform
         over [0, s). The paper's step trains the client on the part of a batch whose t falls
         below the cut, about s/T of it; the client's half of the chain is what limits sample
-        quality in short runs (README, "Sample quality of the default run"), and these steps
+        quality in short runs (docs/quality.md, third study), and these steps
         give it more updates at no cost to the server and no message."""
         if self.cut == 0:  # c = 0: the client owns no level
             return

@@ -26,11 +26,11 @@ PRESETS = {
     "tiny": Preset((16, 32), 1, False, 8, "tests: seconds on a CPU, any size divisible by 2"),
     "small": Preset((32, 64, 64), 2, True, 8, "CPU runs at 32x32 or 64x64, about 1.6 M parameters"),
     # small with its two upper levels at half width: 1.0 M parameters, a round in 55% of the
-    # time at 32x32 (README, "Sample quality of the default run")
+    # time at 32x32 (docs/quality.md, second study)
     "narrow": Preset((16, 32, 64), 2, True, 8, "32x32 on 2 CPU cores"),
     # narrow with one ResNet layer per level and no attention: 0.64 M parameters, a quickstart
-    # round in 60% of narrow's time for about the same KID per round (README, "Sample quality
-    # of the default run"): on 2 cores more steps of a smaller model win
+    # round in 60% of narrow's time for about the same KID per round (docs/quality.md, fourth
+    # study): on 2 cores more steps of a smaller model win
     "lean": Preset((16, 32, 64), 1, False, 8, "the quickstart: 32x32 on 2 CPU cores"),
     # The paper's UNet: base width 16, multipliers 1, 2, 4, 8, attention at the lowest
     # resolution, about 2.4 M parameters at 128x128 (this one has 2.7 M).
