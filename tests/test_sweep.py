@@ -17,6 +17,7 @@ from collafuse.metering import SERVER, client_party, totals
 from conftest import tiny_overrides
 
 
+@pytest.mark.slow
 def test_client_flop_share_falls_as_cut_ratio_falls(tiny_config, tmp_path):
     """The paper's Hypothesis 2c: the smaller c, the less of the work the client does."""
     shares = []
@@ -52,6 +53,7 @@ def _sweep_config(**extra):
     return load_config(None, tiny_overrides(**values))
 
 
+@pytest.mark.slow  # trains and scores KID at two cut ratios
 def test_sweep_end_to_end_resumes_where_it_stopped(tmp_path):
     cfg = _sweep_config()
     out = tmp_path / "sweep"
@@ -122,6 +124,7 @@ def test_shipped_sweep_configs_load(path):
     assert np.isfinite(cfg.train.lr)
 
 
+@pytest.mark.slow
 def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     """--train-only trains and evaluates nothing; --evaluate-only evaluates finished runs,
     wherever they ran (run.device is no part of a run's identity), and trains nothing."""
