@@ -2,7 +2,7 @@
 # The GPU check, in one go (about 5 minutes on one H200; the stages' time limits add up to
 # under 8): for a machine with a CUDA build of PyTorch (2.11 tested for, Python 3.12), no
 # network and none of this project's other packages. With this workplace's device tool:
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".data"], timeout_s=540)
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 #   1. installs diffusers from the wheel carried in .whl/ and this project with --no-deps
 #      (into /tmp/site; nothing else is needed to train: torch, numpy, pillow, tqdm,
@@ -13,10 +13,9 @@
 #   4. trains the paper's setting (128x128, the paper UNet, batch 150, 3 hospitals, c = 0.6)
 #      for EPOCHS epochs (default 5) and keeps its metrics, sample grids and server weights.
 #
-# Data: .data/lgg_flair_128.npz, a copy of ../shared/data/lgg-mri/lgg_flair_128.npz (33 MB;
-# .data/ is ignored by git, so name it in the device tool's carry). Without it the script makes
-# a stand-in from the bundled 32x32 file upsampled to 128x128 (same hospitals and counts: the
-# timings hold, the samples look blurred) and says so.
+# Data: the bundled data/lgg_flair_128.npz (33 MB, data/README.md). Where a checkout lacks it,
+# the script makes a stand-in from the bundled 32x32 file upsampled to 128x128 (same hospitals
+# and counts: the timings hold, the samples look blurred) and says so.
 #
 # Everything worth keeping goes to $OUT (default out/gpu-check): log.txt (all output),
 # benchmark.txt, and paper-c0.6/{metrics.jsonl, summary.json, server_model.safetensors,
@@ -51,9 +50,9 @@ export PYTHONPATH=/tmp/site
 "$PY" -c "import collafuse, diffusers; print('collafuse from', collafuse.__file__, '| diffusers', diffusers.__version__)" \
     || { echo "collafuse does not import: stopping"; exit 1; }
 
-DATA=.data/lgg_flair_128.npz
+DATA=data/lgg_flair_128.npz
 if [ ! -f "$DATA" ]; then
-    stage "data: $DATA not carried; making a stand-in from data/lgg_flair_32.npz at 128x128"
+    stage "data: $DATA missing; making a stand-in from data/lgg_flair_32.npz at 128x128"
     DATA=/tmp/lgg_flair_128_from32.npz
     "$PY" -m collafuse.cli data prepare data/lgg_flair_32.npz "$DATA" --size 128 \
         || failed+=("stand-in data")

@@ -113,6 +113,7 @@ def assert_one_line_error(status: int, stderr: str, expected: str, folder: Path)
     assert not (folder / "runs").exists()  # nothing written on bad input
 
 
+@pytest.mark.slow  # a fresh Python process per case, each importing torch (about 6 CPU-s)
 @pytest.mark.parametrize("name", list(IN_A_PROCESS))
 def test_bad_input_is_one_line(name, bad_inputs):
     argv, expected = IN_A_PROCESS[name]

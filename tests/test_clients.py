@@ -46,6 +46,7 @@ def test_equal_settings_reproduce_the_run_bit_for_bit(tmp_path, protocol):
             assert torch.equal(tensor, b.model.state_dict()[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
 def test_each_client_trains_and_samples_at_its_own_cut(tmp_path, protocol):
     cfg = load_config(None, tiny_overrides(**{"train.protocol": f'"{protocol}"'})

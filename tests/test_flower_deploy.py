@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
+pytestmark = pytest.mark.flower  # a SuperLink, SuperNodes and ServerApps on loopback
 
 import torch  # noqa: E402
 from flower_harness import ROOT, Deployment, make_certs  # noqa: E402

@@ -58,6 +58,7 @@ def test_inception_rejects_float_images():
         kid.inception_features(np.zeros((2, 8, 8), dtype=np.float32))
 
 
+@pytest.mark.slow  # the features fixture: Inception on four sets of real slices
 def test_kid_self_small_noise_large_hospitals_between(features):
     self_mean, _ = kid.kid(features["du"], features["du"], num_subsets=50, subset_size=20)
     noise_mean, _ = kid.kid(features["du"], features["noise"], num_subsets=50, subset_size=20)
@@ -72,6 +73,7 @@ def test_kid_self_small_noise_large_hospitals_between(features):
         assert abs(between) < noise_mean / 10
 
 
+@pytest.mark.slow
 def test_kid_seed_determinism(features):
     a, b = features["du"], features["ht"]
     assert kid.kid(a, b, num_subsets=10, subset_size=15, seed=3) == kid.kid(a, b, num_subsets=10, subset_size=15, seed=3)

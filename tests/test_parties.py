@@ -58,7 +58,7 @@ def test_noisy_data_sends_each_image_only_at_the_handover_noise_level(cut):
 
 
 def test_shared_noise_gives_the_server_every_image_exactly():
-    """The paper's protocol: (x_t, t, eps) determine x0 (DESIGN.md section 3). Kept as it is."""
+    """The paper's protocol: (x_t, t, eps) determine x0 (docs/design.md section 3). Kept as it is."""
     client, server = parties("shared-noise", 10)
     clean = client.images.flatten(1)
     for msg in _sent_images(client, server):

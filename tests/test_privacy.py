@@ -222,6 +222,7 @@ def test_membership_is_a_coin_flip_for_an_untrained_model(mri):
     assert 0.35 <= mia["auc"] <= 0.65
 
 
+@pytest.mark.slow  # 150 training steps
 def test_membership_is_clear_for_a_model_overfit_to_a_few_images(mri):
     num_timesteps, cut = 10, 1
     small = F.avg_pool2d(mri[:12], 2)
@@ -312,6 +313,7 @@ def test_view_accounting_edges_and_order():
     assert "no guarantee about an image" in noisy and "secret" in noisy
 
 
+@pytest.mark.slow
 def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     from collafuse.cli import main
     from collafuse.engines.local import run_training

@@ -1,4 +1,4 @@
-"""The Gaussian toy of DESIGN.md section 3: both protocols' loss minimisers are the optimal
+"""The Gaussian toy of docs/design.md section 3: both protocols' loss minimisers are the optimal
 noise predictor, whose closed form is known when x0 ~ N(m, v)."""
 
 import functools

@@ -111,6 +111,7 @@ def test_local_steps_at_c_0_train_nothing(tiny_config):
     assert all(not c.optimizer.state_dict()["state"] for c in run.clients.values())
 
 
+@pytest.mark.slow
 def test_resume_with_the_recipe_equals_uninterrupted(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.lr_schedule": '"cosine"', "train.lr_warmup_steps": 2,
                          "train.loss_weighting": '"min-snr"', "train.ema_decay": 0.9,

@@ -1,4 +1,4 @@
-"""Split sampling is one ordinary DDPM chain run on two machines (DESIGN.md section 2).
+"""Split sampling is one ordinary DDPM chain run on two machines (docs/design.md section 2).
 
 The noise predictor here is exact: for data x0 ~ N(m, v) per pixel, E[eps | x_t] =
 b_t (x_t - a_t m) / (a_t^2 v + b_t^2) with a_t = sqrt(abar_t), b_t = sqrt(1 - abar_t). With it

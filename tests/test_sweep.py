@@ -18,6 +18,7 @@ from collafuse.metering import SERVER, client_party, totals
 from conftest import DEFAULT_DATA, tiny_overrides
 
 
+@pytest.mark.slow
 def test_client_flop_share_falls_as_cut_ratio_falls(tiny_config, tmp_path):
     """The paper's Hypothesis 2c: the smaller c, the less of the work the client does."""
     shares = []
@@ -58,6 +59,7 @@ def _rounds(folder):
             for ln in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # trains and scores KID at two cut ratios, two seeds, two protocols
 def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, capsys):
     """2 seeds x 2 cut ratios under both protocols (noisy-data's cut ratios from a
     [[sweep.grid]] entry): a row per (protocol, c, seed, client), each seed its own run;
@@ -131,6 +133,7 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
     assert "What hiding the noise costs" in report and "| 0.5 | 0, 1 |" in report
 
 
+@pytest.mark.slow  # trains two runs
 def test_each_training_seed_is_its_own_run(tmp_path):
     """Seeds 0 and 1 of one (protocol, c): two folders, each with its run.seed, different
     initial weights and training draws (so different losses), the same recipe otherwise."""
@@ -208,6 +211,7 @@ def test_sweep_cli_rejects_bad_seeds(capsys):
     assert "--seeds: expected integers separated by commas" in err and "distinct" in err
 
 
+@pytest.mark.slow
 def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     """--train-only trains and evaluates nothing; --evaluate-only evaluates finished runs,
     wherever they ran (run.device is no part of a run's identity), and trains nothing."""

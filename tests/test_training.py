@@ -15,6 +15,7 @@ RUN_FILES = ["config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json",
              "samples/DU-real-vs-generated.png", "samples/HT-real-vs-generated.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["shared-noise", "noisy-data"])
 def test_loss_falls_and_run_folder_is_complete(tiny_config, tmp_path, protocol):
     cfg = tiny_config(**{"train.steps": 30, "train.protocol": f'"{protocol}"',

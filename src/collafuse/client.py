@@ -6,7 +6,7 @@ and trains on them (steps 5/6), and returns the server-owned part as a message (
 For sampling it asks for partial samples and finishes them over t = s-1 .. 0.
 
 Its one secret (``secret``: random bytes of its own, never sent, never derived from the config
-or the run seed; DESIGN.md section 5) seeds the noise of the noisy-data views. The engine keeps
+or the run seed; docs/design.md section 5) seeds the noise of the noisy-data views. The engine keeps
 it on the client's side: a client-private file in the run folder in-process, the node's disk
 under Flower.
 """
@@ -85,7 +85,7 @@ class Client(Party):
         """One view per image, its noise xi drawn once from the client's secret and kept.
 
         A fresh xi every epoch would let the server average an image's views and strip the
-        noise; an xi the server can regenerate gives it x0 = (y - b xi) / a exactly (DESIGN.md
+        noise; an xi the server can regenerate gives it x0 = (y - b xi) / a exactly (docs/design.md
         section 3). So xi comes from the secret alone, through numpy's PCG64 seeded with all
         256 bits of it (a torch generator would keep only 32 bits: a search the server could
         afford). The same secret gives the same views after a restart.
@@ -140,7 +140,7 @@ class Client(Party):
         """One step on the client's own levels alone: local_batch_size fresh images, t uniform
         over [0, s). The paper's step trains the client on the part of a batch whose t falls
         below the cut, about s/T of it; the client's half of the chain is what limits sample
-        quality in short runs (README, "Sample quality of the default run"), and these steps
+        quality in short runs (docs/quality.md, third study), and these steps
         give it more updates at no cost to the server and no message."""
         if self.cut == 0:  # c = 0: the client owns no level
             return

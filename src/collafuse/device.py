@@ -1,6 +1,6 @@
 """Where a party computes: ``run.device`` turned into a torch device and what goes with it.
 
-The one place that knows devices (DESIGN.md section 5): parties ask it for their device, their
+The one place that knows devices (docs/design.md section 5): parties ask it for their device, their
 random generators and the precision of their model calls; the math and the protocols never do.
 On the CPU everything here is the identity, so a CPU run computes bit for bit what it did
 before devices existed. On CUDA a model call runs in bf16 autocast on channels_last tensors with

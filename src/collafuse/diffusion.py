@@ -1,6 +1,6 @@
 """The diffusion math of CollaFuse: schedule, cut, noising and the split sampling loop.
 
-One timestep convention everywhere (DESIGN.md section 2, the diffusers convention):
+One timestep convention everywhere (docs/design.md section 2, the diffusers convention):
 t = 0 .. T-1, ``alphas_cumprod[t]`` = abar_t, ``add_noise(x0, eps, t)`` =
 sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and ``scheduler.step(eps_hat, t, x_t)`` gives x_{t-1}.
 With the cut index s = round(c * T) the client owns t < s and the server owns t >= s.
@@ -198,7 +198,7 @@ def renoise_coefficients(scheduler: DDPMScheduler, t: torch.Tensor,
     """(a_t, b_t, sigma_t) for re-noising a hand-over view y to a level t >= s.
 
     x_t = a_t y + b_t eta with a_t = sqrt(abar_t / abar_{s-1}), b_t = sqrt(1 - abar_t / abar_{s-1})
-    has exactly the marginal of add_noise(x0, ., t) (DESIGN.md section 3); sigma_t = sqrt(1 - abar_t).
+    has exactly the marginal of add_noise(x0, ., t) (docs/design.md section 3); sigma_t = sqrt(1 - abar_t).
     Returned as 1-D tensors over the batch. ``cut`` is s, or one s per row.
     """
     if bool((t < cut).any()):
@@ -227,7 +227,7 @@ def denoise(model: Denoiser, scheduler: DDPMScheduler, x: torch.Tensor,
     Starting from x = x_{timesteps[0]} it returns x_{timesteps[-1] - 1} (the clean image when the
     last step is t = 0). An empty range returns x unchanged, so the server with s = T hands over
     pure noise and a client with s = 0 has nothing to do. ``model(x, t)`` predicts eps; the step
-    noises come from ``generator``, which must be the running party's own (DESIGN.md section 2:
+    noises come from ``generator``, which must be the running party's own (docs/design.md section 2:
     a stream shared between the two halves would correlate them). ``on_step(t, x)`` sees x after
     the step at t (x_{t-1}), for recording a trajectory.
     """

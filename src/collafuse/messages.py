@@ -52,7 +52,7 @@ class Message:
 @dataclass
 class NoisedBatch(Message):
     """shared-noise (the paper's protocol): noised images of server-owned timesteps, with t and
-    the noise itself. Given all three the server recovers x0 exactly (DESIGN.md section 3)."""
+    the noise itself. Given all three the server recovers x0 exactly (docs/design.md section 3)."""
 
     kind: ClassVar[str] = "noised-batch"
     protocol: ClassVar[str] = "shared-noise"

@@ -4,7 +4,7 @@ random generator, a cost meter, and a state that can be saved and restored exact
 The meter only watches: it draws no random numbers and changes no tensor, so a metered party
 computes bit for bit what an unmetered one does.
 
-Placement (DESIGN.md section 5) is decided here and in :mod:`collafuse.device`: the model, its
+Placement (docs/design.md section 5) is decided here and in :mod:`collafuse.device`: the model, its
 optimiser and EMA, the party's data and its noise live on the party's device. Draws that decide
 shapes (batch order, timesteps) come from a host generator, so the host knows every batch's
 split without waiting for the device; noise tensors come from a generator on the device. On the
@@ -86,7 +86,7 @@ class Party:
         """A generator of this party's own for one purpose and a (possibly public) seed.
 
         Mixed with the party's own seed, so two parties given the same request seed draw
-        independent noise (DESIGN.md section 2); sha256 because torch keeps only 32 bits of a
+        independent noise (docs/design.md section 2); sha256 because torch keeps only 32 bits of a
         seed and party seeds must not collide after that cut.
         """
         digest = hashlib.sha256(f"{self.seed}:{purpose}:{seed}".encode()).digest()

@@ -1,4 +1,4 @@
-"""The two training protocols (DESIGN.md section 3): what a client sends, the server's loss.
+"""The two training protocols (docs/design.md section 3): what a client sends, the server's loss.
 
 ``shared-noise`` is the paper's: the client sends (x_t, t, eps) for every image whose drawn t
 the server owns, and the server regresses eps. ``noisy-data`` never shows the server any noise:

@@ -1,6 +1,6 @@
 """Data layer: loaders -> uint8 ImageSet, partitions into clients, hold-out by patient, conversions.
 
-Imports only numpy, PIL, nibabel, pydicom and torch (layer 3 of DESIGN.md).
+Imports only numpy, PIL, nibabel, pydicom and torch (layer 3 of docs/design.md section 4).
 """
 
 from .imageset import DataError, ImageSet

@@ -5,7 +5,7 @@ server-bound messages; then the server takes one step per batch index on the uni
 clients' messages of that index (clients in config order). The Flower engine keeps exactly
 this order, so both produce the same models under the same seed.
 
-A run folder (DESIGN.md section 5) holds the resolved config, one checkpoint written
+A run folder (docs/design.md section 5) holds the resolved config, one checkpoint written
 atomically every ``train.checkpoint_every`` rounds, the metrics log, TensorBoard events
 (:mod:`collafuse.tracking`), sample grids and a summary.
 """

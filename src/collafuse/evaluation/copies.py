@@ -18,7 +18,7 @@ paper's threshold (it is a parameter: ``threshold`` = alpha * delta = 1/6 by def
 
 A fraction of near-copies means little on its own (two slices of one patient can be alike),
 so it is always reported beside its baseline: the same statistic for real images that were
-not trained on, of the same kind (DESIGN.md section 7).
+not trained on, of the same kind (docs/design.md section 7).
 
 Distances are taken in pixel space, on images in [-1, 1] (uint8 inputs are mapped there with
 x / 127.5 - 1), flattened; or on any (N, d) feature rows you pass (``as_rows`` is the one place
@@ -48,7 +48,7 @@ def as_rows(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"near-copy test expects a non-empty (N, ...) array, got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
-        x = x.double() / 127.5 - 1.0  # the model's [-1, 1] convention (DESIGN.md section 5)
+        x = x.double() / 127.5 - 1.0  # the model's [-1, 1] convention (docs/design.md section 5)
     return x.reshape(len(x), -1).double()
 
 

@@ -244,7 +244,7 @@ def render(rows: list[dict], out: Path) -> str:
         f"Runs: {plan}. Clients: {', '.join(clients(rows))}; T = {rows[0]['num_timesteps']}; "
         f"{rows[0]['num_samples']} generated images per client and run. Shared-noise is the "
         "paper's protocol (the server sees x_t, t and the noise); noisy-data hides the noise "
-        "(DESIGN.md section 3).",
+        "(docs/design.md section 3).",
         ("KID is clean-fid's (its resize and its `kernel_distance`, checked in the tests). A "
          "training seed is a whole run and its own evaluation; each seed's value is the mean "
          "over clients. **Intervals are 95% Student t-intervals over training seeds** (n - 1 "

@@ -4,7 +4,7 @@ A hospital runs this on its own node, with its own images: KID of the samples ag
 images of the kind it wants (clean-fid KID on the FID Inception features, exactly the sweep's
 ``kid`` and ``kid_bootstrap_interval``), and, given the images the model was trained on, the
 near-copy check of ``copies.py`` beside its baseline (the same check for the real images,
-which the model never saw). Only numbers leave (DESIGN.md section 7).
+which the model never saw). Only numbers leave (docs/design.md section 7).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def tweedie_from_view(model: Denoiser, scheduler: DDPMScheduler, views: torch.Te
 
     The server's model is trained only on t >= s, so rather than run it at t = s-1 (outside
     its range) the server re-noises y with its own eta exactly as in training,
-    x_s = a_s y + b_s eta (DESIGN.md section 3; b_s^2 = beta_s is small), and takes the Tweedie
+    x_s = a_s y + b_s eta (docs/design.md section 3; b_s^2 = beta_s is small), and takes the Tweedie
     estimate E[x0 | x_s]. Averaging over eta gives E[E[x0 | x_s] | y], which by Jensen has no
     larger error than one draw: the most the server can get from y with its model in one step.
     Re-noising adds noise of variance b_s^2, so at the lowest cuts (s = 1 of T = 20, even with

@@ -141,7 +141,7 @@ def accept_train(server, reply: Message, client_id: str, round_: int, num_batche
 def accept_sample(reply: Message, client_id: str, num_images: int) -> dict:
     """A sample reply: the names of the files in which the node stored ``num_images`` finished
     images, and their count. A path is refused: the server's records name clients and counts,
-    never where a node keeps its files (DESIGN.md section 7)."""
+    never where a node keeps its files (docs/design.md section 7)."""
     _, meta = read_reply(reply, "sample")
     if meta["client-id"] != client_id:
         raise RejectedReply(f"node of client {client_id} answers as client "
