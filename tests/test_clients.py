@@ -26,7 +26,7 @@ def test_config_sections_round_trip_and_errors():
     assert "[clients." not in plain.to_toml() and "clients" not in plain.to_dict()
     for bad, why in ((["clients.XX.cut_ratio=0.2"], "not one of data.clients"),
                      (["clients.DU.cut_ratio=1.5"], r"expected a number in \[0, 1\]"),
-                     (["clients.DU.preset='huge'"], "expected one of"),
+                     (["clients.DU.preset='huge'"], "clients.DU.preset: expected 'tiny', .* got 'huge'"),
                      (["clients.DU.depth=3"], "unknown key"),
                      (["clients.DU=0.2"], "expected clients.<id>.<key>=value")):
         with pytest.raises(ConfigError, match=why):
