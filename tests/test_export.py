@@ -26,6 +26,9 @@ HETEROGENEOUS = {"train.ema_decay": 0.9, "model.prediction": '"v"', "sample.step
                  "train.steps": 4}
 
 
+pytestmark = pytest.mark.slow  # every test trains a run first (module fixture or its own)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A finished tiny run and its export."""

@@ -17,6 +17,9 @@ CONDITIONAL = {"model.condition": '"both"', "model.classes": '["no-tumour", "tum
                "train.steps": 2}
 
 
+pytestmark = pytest.mark.slow  # trains runs to export; Inception features for evaluate
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny conditional run and a tiny unconditional one, trained two rounds each."""

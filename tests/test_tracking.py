@@ -22,6 +22,7 @@ def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+@pytest.mark.slow  # trains, crashes and resumes a run
 def test_in_process_run_tracks_every_party_and_samples(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.sample_every": 2, "train.steps": 5, "train.log_every": 1})
     run_training(cfg, tmp_path / "r", progress=False, stop_after_round=2)
@@ -46,6 +47,7 @@ def test_in_process_run_tracks_every_party_and_samples(tiny_config, tmp_path):
     assert sum(sent.values()) <= run.party_totals()[cid]["bytes_sent"]
 
 
+@pytest.mark.slow  # trains two runs
 def test_sampling_for_tensorboard_leaves_training_unchanged(tiny_config, tmp_path):
     base = {"train.steps": 4, "train.log_every": 1}
     run_training(tiny_config(**base), tmp_path / "plain", progress=False)
@@ -70,6 +72,7 @@ def test_sweep_rows_become_scalars_over_the_cut_ratio(tmp_path):
     assert "disclosure_kid/DU" not in acc.Tags()["scalars"]  # not measured: no point
 
 
+@pytest.mark.flower  # a Flower simulation
 def test_flower_simulation_tracks_every_party_and_exports_its_server(tmp_path):
     pytest.importorskip("flwr")
     from flower_harness import ROOT, Deployment

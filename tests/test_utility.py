@@ -25,6 +25,7 @@ def test_split_never_trains_on_a_holdout_hospital(split):
     assert 0.2 < test.labels.mean() < 0.5
 
 
+@pytest.mark.slow  # trains classifiers
 def test_tstr_trains_on_the_synthetic_set(split):
     """Synthetic stand-ins with the labels flipped: a classifier trained on them must score
     below chance on the real test slices, while one trained on the real slices scores well.
