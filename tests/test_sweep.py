@@ -121,7 +121,7 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
                "client_energy_kwh", "client_seconds", "client_bytes_sent"]
     for row in rows[:4]:
         assert all(math.isfinite(row[k]) for k in numeric), row
-        assert 0.0 <= row["samples_near_copies"] <= 1.0 and row["samples_nn_train"] > 0
+        assert 0.0 <= row["samples_near_copies"] <= 1.0 and row["samples_nn_mse_train"] > 0
     assert {"samples_near_copies", "samples_near_copies_baseline"} <= set(table[0])
     zero, half = by_key[("shared-noise", 0.0, 1, "DU")], by_key[("shared-noise", 0.5, 1, "DU")]
     assert zero["cut_index"] == 0 and half["cut_index"] == 10
@@ -251,8 +251,8 @@ def test_sample_copies_columns_find_planted_copies():
     du = images[(site == "DU") & informative]
     train, held = to_model(du[:1200]), ImageSet(du[1200:])
     planted = sample_copies(train[::10], train, held)
-    assert planted["samples_near_copies"] == 1.0 and planted["samples_nn_train"] < 1e-4
+    assert planted["samples_near_copies"] == 1.0 and planted["samples_nn_mse_train"] < 1e-4
     other = sample_copies(to_model(images[(site == "FG") & informative][:200]), train, held)
     assert abs(other["samples_near_copies"] - other["samples_near_copies_baseline"]) <= 0.1
-    assert other["samples_nn_train"] > 0 and other["samples_nn_holdout"] > 0
+    assert other["samples_nn_mse_train"] > 0 and other["samples_nn_mse_holdout"] > 0
     assert sample_copies(train[:5], train, None)["samples_near_copies_baseline"] is None

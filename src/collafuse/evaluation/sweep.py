@@ -45,7 +45,7 @@ from ..privacy.attacks import tweedie_from_view
 from ..state import save_npz, write_text
 from ..tracking import log_sweep_rows
 from .costs import CostMeter
-from .copies import near_copies, nearest_distances
+from .copies import near_copies
 from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
 from .layout import EVALUATION, RESULTS, TRAJECTORY, run_dir
@@ -312,17 +312,18 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
 
 
 def sample_copies(samples: torch.Tensor, train: torch.Tensor, held) -> dict:
-    """Do a client's published samples copy its patients? Each sample's nearest-neighbour
-    distance (pixels in [-1, 1]) to the client's training images and to its own held-out
-    patients, and the near-copy fraction of the ratio test (:func:`.copies.near_copies`,
+    """Do a client's published samples copy its patients? The mean nearest-neighbour MSE
+    (:func:`.disclosure.mean_nearest_neighbour_mse`, the unit of the disclosure columns) of its
+    samples to the client's training images and to its own held-out patients, and the near-copy
+    fraction of the ratio test (:func:`.copies.near_copies`,
     Carlini et al. 2023) beside its baseline: the same fraction for those held-out patients'
     real images (None when the hospital holds no patients out)."""
     held = None if held is None else to_model(held.images)
     copies = near_copies(samples, train, held)
     return {
-        "samples_nn_train": float(nearest_distances(samples, train, 1).mean()),
-        "samples_nn_holdout": None if held is None else float(
-            nearest_distances(samples, held, 1).mean()),
+        "samples_nn_mse_train": mean_nearest_neighbour_mse(samples.numpy(), train.numpy()),
+        "samples_nn_mse_holdout": None if held is None else mean_nearest_neighbour_mse(
+            samples.numpy(), held.numpy()),
         "samples_near_copies": copies.fraction,
         "samples_near_copies_baseline": copies.baseline_fraction,
     }
