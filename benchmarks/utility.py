@@ -8,7 +8,8 @@ trained on. Per client it is trained on
   TRTR  n of the client's real training slices (its partition of the run, drawn at random),
   TSTR  n of the client's synthetic labelled samples, half of each class;
 and for FG (the smallest hospital) on its real slices alone against its real slices plus the
-synthetic samples of every client of the federation (augmentation). n = min(-n, the client's
+synthetic samples of every client of the federation (augmentation), with a control that trains
+FG's real slices for as many optimiser steps as the augmented set gets. n = min(-n, the client's
 real slices). Samples come from EXPORT_DIR (`collafuse sample RUN_DIR -n N --export DIR`), or
 are exported to RUN_DIR/utility-samples first. AUC and balanced accuracy are means over
 --seeds classifier seeds, with 95% percentile bootstrap intervals over seeds and test slices;
@@ -27,7 +28,8 @@ from collafuse.config import load_config
 from collafuse.data import load_images
 from collafuse.device import enlarge_cpu_kernel_cache
 from collafuse.evaluation.utility import (bootstrap, labelled, paired_difference,
-                                          scores_over_seeds, training_sets, utility_split)
+                                          scores_over_seeds, steps_per_epoch, training_sets,
+                                          utility_split)
 
 AUGMENTED = "FG"
 
@@ -71,9 +73,14 @@ def main() -> None:
           f"slices of {', '.join(sorted(set(test.sites)))} ({test.labels.mean():.0%} tumour); "
           f"{args.seeds} classifier seeds, {args.epochs} epochs")
     sets = training_sets(real, synthetic, args.num_images, rng, AUGMENTED)
+    # the control: FG's real slices alone, given as many optimiser steps as the augmented set
+    # gets in --epochs passes, so the augmentation's gain is not a gain from longer training
+    equal_steps = args.epochs * steps_per_epoch(len(sets[f"{AUGMENTED} augmented"]))
+    steps = {f"{AUGMENTED} real (equal steps)": equal_steps}
+    sets[f"{AUGMENTED} real (equal steps)"] = sets[f"{AUGMENTED} real"]
     scores = {}
     for name, train in sets.items():
-        scores[name] = scores_over_seeds(train, test, seeds, args.epochs)
+        scores[name] = scores_over_seeds(train, test, seeds, args.epochs, steps.get(name))
         print(f"  trained {name}: {len(train)} images ({train.labels.mean():.0%} tumour)",
               flush=True)
     boot = bootstrap(scores, test.labels, args.boot)
@@ -91,6 +98,10 @@ def main() -> None:
     print(f"({time.time() - start:.0f} s)")
     print(f"TSTR AUC / TRTR AUC = {np.mean(ratios):.3f}")
     diff, low, high = paired_difference(boot, f"{AUGMENTED} augmented", f"{AUGMENTED} real")
+    diff_eq, low_eq, high_eq = paired_difference(boot, f"{AUGMENTED} augmented",
+                                                 f"{AUGMENTED} real (equal steps)")
+    print(f"{AUGMENTED} augmented - {AUGMENTED} real (equal steps, {equal_steps}) AUC = "
+          f"{diff_eq:.3f} [{low_eq:.3f}, {high_eq:.3f}]")
     print(f"{AUGMENTED} augmented - {AUGMENTED} real AUC = {diff:.3f} [{low:.3f}, {high:.3f}]")
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from collafuse.config import load_config
 from collafuse.evaluation.utility import (auc, balanced_accuracy, bootstrap, paired_difference,
@@ -59,3 +60,23 @@ def test_metrics_and_paired_bootstrap():
     diff, low, high = paired_difference(boot, "good", "poor")
     assert 0 < low < diff < high
     assert boot["good", "auc"]["low"] < boot["good", "auc"]["mean"] < boot["good", "auc"]["high"]
+
+
+def test_equal_steps_control_counts_optimiser_steps(split):
+    """The control's ``steps`` are optimiser steps: as many as ``epochs`` passes give the same
+    classifier, one more gives another (a control that silently trained by epochs would not)."""
+    from collafuse.evaluation.utility import steps_per_epoch, train_classifier
+
+    _, real, _ = split
+    small = real["FG"].subset(np.arange(0, 100))
+    small.labels[:10] = 1 - small.labels[:10]  # both classes for sure
+    per_epoch = steps_per_epoch(len(small), batch_size=32)
+    assert per_epoch == 4
+
+    def weights(**kw):
+        model = train_classifier(small, seed=0, batch_size=32, **kw)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    by_epochs = weights(epochs=2)
+    assert torch.equal(weights(epochs=99, steps=2 * per_epoch), by_epochs)
+    assert not torch.equal(weights(epochs=99, steps=2 * per_epoch + 1), by_epochs)

@@ -103,9 +103,12 @@ def make_classifier(channels: int = 1) -> nn.Module:
 
 
 def train_classifier(train: LabelledImages, seed: int, epochs: int = 15, batch_size: int = 64,
-                     lr: float = 2e-3) -> nn.Module:
+                     lr: float = 2e-3, steps: int | None = None) -> nn.Module:
     """Adam on the class-balanced logistic loss (real and synthetic sets differ in their tumour
-    share; balancing makes the training set's prior irrelevant), random left-right flips."""
+    share; balancing makes the training set's prior irrelevant), random left-right flips.
+    ``steps``: stop after that many optimiser steps instead of ``epochs`` passes (a control that
+    gives a small set as many steps as a larger one gets, so a gain from more data is not a gain
+    from more training)."""
     if len(set(train.labels.tolist())) < 2:
         raise DataError("utility: a training set needs slices of both classes")
     gen = torch.Generator().manual_seed(seed)
@@ -116,9 +119,14 @@ def train_classifier(train: LabelledImages, seed: int, epochs: int = 15, batch_s
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(epochs):
+    total = steps if steps is not None else epochs * steps_per_epoch(len(x), batch_size)
+    done = 0
+    while done < total:
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
+            if done == total:
+                break
+            done += 1
             idx = order[i:i + batch_size]
             xb = x[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
@@ -127,6 +135,10 @@ def train_classifier(train: LabelledImages, seed: int, epochs: int = 15, batch_s
             loss_fn(model(xb).squeeze(1), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def steps_per_epoch(num_images: int, batch_size: int = 64) -> int:
+    return -(-num_images // batch_size)
 
 
 @torch.inference_mode()
@@ -193,6 +205,8 @@ def paired_difference(boot: dict, a: str, b: str, metric: str = "auc",
 
 
 def scores_over_seeds(train: LabelledImages, test: LabelledImages, seeds: list[int],
-                      epochs: int = 15) -> np.ndarray:
-    """(len(seeds), len(test)) tumour probabilities of classifiers trained on ``train``."""
-    return np.stack([predict(train_classifier(train, s, epochs), test.images) for s in seeds])
+                      epochs: int = 15, steps: int | None = None) -> np.ndarray:
+    """(len(seeds), len(test)) tumour probabilities of classifiers trained on ``train``
+    (``steps``: see :func:`train_classifier`)."""
+    return np.stack([predict(train_classifier(train, s, epochs, steps=steps), test.images)
+                     for s in seeds])
