@@ -13,7 +13,9 @@ FG's real slices for as many optimiser steps as the augmented set gets. n = min(
 real slices). Samples come from EXPORT_DIR (`collafuse sample RUN_DIR -n N --export DIR`), or
 are exported to RUN_DIR/utility-samples first. AUC and balanced accuracy are means over
 --seeds classifier seeds, with 95% percentile bootstrap intervals over seeds and test slices;
-the FG difference is paired. The last two lines are the headline figures.
+the FG difference is paired. A copy table follows: per client, the near-copy fraction of its
+samples against its training slices beside that of its own held-out patients' slices. The last
+lines are the headline figures.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from collafuse.config import load_config
+from collafuse.factory import load_client_data
 from collafuse.data import load_images
 from collafuse.device import enlarge_cpu_kernel_cache
+from collafuse.evaluation.copies import near_copies
 from collafuse.evaluation.utility import (bootstrap, labelled, paired_difference,
                                           scores_over_seeds, steps_per_epoch, training_sets,
                                           utility_split)
@@ -46,6 +50,22 @@ def synthetic_sets(run_dir: Path, samples: Path | None, n: int) -> dict:
     return {site: labelled(images.subset(np.flatnonzero(images.meta["site"] == site)),
                            f"synthetic:{site}")
             for site in np.unique(images.meta["site"])}
+
+
+def print_copy_check(cfg, synthetic: dict) -> None:
+    """Are the samples copies of patients? Per client, the near-copy fraction (Carlini et al.'s
+    ratio test, collafuse.evaluation.copies) of its samples against its training slices, beside
+    the same fraction for its own held-out patients' real slices (the baseline)."""
+    data = load_client_data(cfg)
+    print("\n| client | samples | near-copies of samples | own held-out slices | near-copies of "
+          "them (baseline) |")
+    print("|---|---|---|---|---|")
+    for cid, samples in synthetic.items():
+        held = data.client_holdout[cid].images
+        copies = near_copies(samples.images, data.clients[cid].images,
+                             held if len(held) else None)
+        base = "-" if copies.baseline_fraction is None else f"{copies.baseline_fraction:.3f}"
+        print(f"| {cid} | {len(samples)} | {copies.fraction:.3f} | {len(held)} | {base} |")
 
 
 def main() -> None:
@@ -95,6 +115,7 @@ def main() -> None:
               for cid in real]
     for cid, r in zip(real, ratios):
         print(f"{cid}: TSTR AUC / TRTR AUC = {r:.3f}")
+    print_copy_check(cfg, synthetic)
     print(f"({time.time() - start:.0f} s)")
     print(f"TSTR AUC / TRTR AUC = {np.mean(ratios):.3f}")
     diff, low, high = paired_difference(boot, f"{AUGMENTED} augmented", f"{AUGMENTED} real")
