@@ -42,7 +42,7 @@ from collafuse.data import to_uint8
 from collafuse.device import enlarge_cpu_kernel_cache
 from collafuse.diffusion import eps_from_output, make_scheduler, sample_steps, sampling_plan
 from collafuse.engines.local import load_run, run_training
-from collafuse.factory import recipe_loss_weighting
+from collafuse.factory import recipe
 from collafuse.evaluation.kid import cached_features, kid, kid_bootstrap_interval
 from collafuse.metering import SERVER, client_party, totals
 from collafuse.models import EMA, make_unet, predict_noise
@@ -87,7 +87,7 @@ def train_pooled(cfg, images: torch.Tensor, batch_size: int, seconds: float | No
     scheduler = make_scheduler(T)
     optimizer = torch.optim.Adam(model.parameters(), lr=t_cfg.lr)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay else None
-    weighting = recipe_loss_weighting(cfg, scheduler)
+    weighting = recipe(cfg).loss_weights(scheduler)
     g = torch.Generator().manual_seed(seed)
     eps_of = eps_reader(model, scheduler, cfg.model.prediction)
     start, step, horizon = time.perf_counter(), 0, steps or 10**9

@@ -53,7 +53,7 @@ def test_every_party_steps_with_the_scheduled_lr(tiny_config):
 def test_defaults_keep_the_constant_lr_and_plain_loss(tiny_config):
     run = Run(tiny_config())
     for party in [run.server, *run.clients.values()]:
-        assert party.lr_at is None and party.loss_weighting is None
+        assert not party.recipe.schedules_lr and party.loss_weights is None
         assert party.prediction == "epsilon"
 
 
@@ -64,7 +64,7 @@ def test_v_prediction_reaches_every_party(tiny_config):
     t = torch.arange(run.server.num_timesteps)
     for party in [run.server, *run.clients.values()]:
         assert party.prediction == "v"
-        assert torch.allclose(party.loss_weighting(t), 1 / party.scheduler.alphas_cumprod)
+        assert torch.allclose(party.loss_weights(t), 1 / party.scheduler.alphas_cumprod)
     run.train_round()
     assert all(torch.isfinite(torch.tensor(p.last_loss)) for p in [run.server, *run.clients.values()])
 

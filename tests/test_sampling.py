@@ -13,6 +13,7 @@ import torch
 from collafuse.client import Client
 from collafuse.diffusion import cut_index, make_scheduler
 from collafuse.messages import SampleRequest
+from collafuse.party import Recipe
 from collafuse.server import Server
 
 T, MEAN, VAR = 100, 0.1, 0.09
@@ -52,10 +53,11 @@ def split_parties(cut_ratio, prediction="epsilon"):
     cut = cut_index(cut_ratio, T)
     images = torch.zeros(2, *SHAPE)  # unused: nothing is trained here
     model = GaussianV if prediction == "v" else GaussianEps
+    recipe = Recipe(prediction=prediction)
     client = Client("A", images, model(scheduler), scheduler, cut, "shared-noise", 2, 1e-3,
-                    seed=11, secret=bytes(32))
-    server = Server(model(scheduler), scheduler, cut, "shared-noise", SHAPE, 1e-3, seed=12)
-    client.prediction = server.prediction = prediction
+                    seed=11, secret=bytes(32), recipe=recipe)
+    server = Server(model(scheduler), scheduler, cut, "shared-noise", SHAPE, 1e-3, seed=12,
+                    recipe=recipe)
     return server, client
 
 

@@ -163,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="also write the figures here")
     evaluate.add_argument("--size", type=int, help="center-crop and resize every set to this "
                           "square side, as `data prepare` does (default: the samples' own size)")
-    evaluate.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    evaluate.add_argument("--channels", type=int, default=1, choices=CHANNELS)
     evaluate.add_argument("--kid-subsets", type=int, default=100)
     evaluate.add_argument("--kid-subset-size", type=int, default=1000)
     evaluate.add_argument("--seed", type=int, default=0, help="KID subsets and bootstrap draws")

@@ -21,7 +21,7 @@ import torch
 from .diffusion import StepHook, add_noise, handover_view, sample_steps, sampling_plan, server_owns
 from .messages import Message, PartialSamples, SampleRequest, check_images
 from .metering import client_party
-from .party import Party
+from .party import Party, Recipe
 from .protocols import local_loss, server_message
 
 SECRET_BYTES = 32  # os.urandom bytes of a client's secret
@@ -34,7 +34,7 @@ class Client(Party):
                  device: str | torch.device = "cpu", compile: bool = False,
                  labels: torch.Tensor | None = None, num_classes: int = 0,
                  label_dropout: float = 0.0, send_labels: bool = False,
-                 local_steps: int = 1, local_batch_size: int = 0):
+                 local_steps: int = 1, local_batch_size: int = 0, recipe: Recipe = Recipe()):
         """``images``: float32 NCHW in [-1, 1], the client's training set; never sent anywhere.
         ``seed`` makes the public draws reproducible (batch order, t, training noise); ``secret``
         (at least 16 random bytes) makes what the server must not know. ``images`` and
@@ -46,7 +46,8 @@ class Client(Party):
         only with ``send_labels`` (model.condition = "both").
 
         After each batch's step the client takes ``local_steps`` - 1 more on its own levels
-        alone, each on ``local_batch_size`` fresh images (0: ``batch_size``)."""
+        alone, each on ``local_batch_size`` fresh images (0: ``batch_size``). ``meter`` and
+        ``recipe``: as :class:`collafuse.party.Party`."""
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"client {client_id}: expected a non-empty NCHW image tensor, "
                              f"got shape {tuple(images.shape)}")
@@ -63,7 +64,7 @@ class Client(Party):
         if send_labels and labels is None:
             raise ValueError(f"client {client_id}: send_labels needs labels")
         super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
-                         compile, num_classes if labels is not None else 0, label_dropout)
+                         compile, num_classes if labels is not None else 0, label_dropout, recipe)
         self.client_id = client_id
         self.labels = labels
         self.send_labels = send_labels
@@ -130,7 +131,7 @@ class Client(Party):
                 own_labels = None if labels is None else self._drop_labels(labels[own])
                 self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, own_labels),
                                           self.scheduler, x0[own_rows], t[own], eps[own_rows],
-                                          self.loss_weighting))
+                                          self.loss_weights))
         for _ in range(self.local_steps - 1):
             self._train_own_levels()
         self.steps += 1
@@ -151,7 +152,7 @@ class Client(Party):
             labels = None if self.labels is None else self._drop_labels(self.labels[idx])
             self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, labels),
                                       self.scheduler, x0, t, self._noise(x0.shape),
-                                      self.loss_weighting))
+                                      self.loss_weights))
 
     def request_samples(self, num_samples: int, seed: int = 0, sampler: str = "ddpm",
                         steps: int = 0, labels: torch.Tensor | None = None,
@@ -214,3 +215,19 @@ def view_noise(secret: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     seed = int.from_bytes(hashlib.sha256(b"collafuse view noise" + secret).digest(), "big")
     rng = np.random.Generator(np.random.PCG64(seed))
     return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
+
+
+def class_labels(classes: list[str], conditional: bool, num_samples: int,
+                 label: str = "") -> torch.Tensor | None:
+    """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every one of
+    ``classes`` in equal blocks, in order; None for an unconditional model."""
+    if not conditional:
+        if label:
+            raise ValueError(f"--label {label!r}: this run's model is unconditional "
+                             "(model.condition = 'none')")
+        return None
+    if label and label not in classes:
+        raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
+    if label:
+        return torch.full((num_samples,), classes.index(label), dtype=torch.long)
+    return torch.arange(num_samples) * len(classes) // num_samples

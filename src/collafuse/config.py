@@ -51,7 +51,7 @@ class DataConfig:
     image_size: int = 32  # images are cropped to a square and resized to this
     channels: int = 1  # 1 grayscale, 3 RGB
     intensity: str = "none"  # or "percentile" (per-slice 99.5th -> 255); see data/transforms.py
-    partition: str = "site"  # "site", "label" (an image folder's class), "patient", "iid" or "dirichlet"
+    partition: str = "site"  # one of choices.PARTITIONS; "label": an image folder's class
     clients: list[str] = field(default_factory=lambda: ["DU", "HT", "FG"])  # sites, by="site"
     num_clients: int = 3  # for partition "patient", "iid" and "dirichlet"
     dirichlet_alpha: float = 0.5  # skew of the "dirichlet" partition (small = more skewed)
@@ -78,7 +78,7 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "small"  # "tiny" (tests), "small", "narrow", "lean" (CPU), "paper" (128x128, GPU)
+    preset: str = "small"  # one of choices.PRESETS (each with a note on what it is for)
     # class-conditional generation: "none"; "both" (client and server models take the label,
     # and the clients send it with every server-owned image); "client" (only the clients'
     # models take it: the server stays unconditional and never sees a label)
@@ -97,7 +97,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    protocol: str = "shared-noise"  # "shared-noise" (the paper's) or "noisy-data"
+    protocol: str = "shared-noise"  # the paper's; choices.PROTOCOLS lists both
     batch_size: int = 64  # images per client per batch
     lr: float = 1e-3  # Adam, for every party
     steps: int = 1000  # batches per client; ignored when epochs > 0
@@ -132,7 +132,7 @@ class TrainConfig:
 class SampleConfig:
     num_samples: int = 16  # per client, after training
     seed: int = 0
-    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim" (deterministic; Song et al. 2021)
+    sampler: str = "ddpm"  # ancestral; choices.SAMPLERS lists the other (DDIM)
     # model calls per sample, server and client together; 0 = all T. Fewer still split where
     # the full chain does (diffusion.sampling_plan)
     steps: int = 0

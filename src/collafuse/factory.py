@@ -6,7 +6,6 @@ seed give the same models whatever carries the messages.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import zlib
@@ -20,10 +19,9 @@ from .config import Config
 from .data import (ImageSet, load_images, normalise_intensity, partition, require_min_images,
                    split_holdout, to_model)
 from .device import resolve_device
-from .diffusion import cut_index, loss_weights, make_scheduler
+from .diffusion import cut_index, make_scheduler
 from .models import make_unet
-from .optim import lr_factor
-from .party import Party
+from .party import Recipe
 from .server import Server
 from .state import load_or_create_secret
 
@@ -90,32 +88,13 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
-def with_recipe(party: Party, cfg: Config) -> Party:
-    """The party with the config's lr schedule, loss weighting and prediction (train.lr_schedule,
-    lr_warmup_steps, loss_weighting, min_snr_gamma, model.prediction); the defaults leave it
-    as built."""
+def recipe(cfg: Config) -> Recipe:
+    """The config's training recipe (model.prediction; train.loss_weighting, min_snr_gamma,
+    lr_schedule, lr_warmup_steps over train.steps), the same for every party."""
     t = cfg.train
-    if t.lr_schedule != "constant" or t.lr_warmup_steps:
-        party.lr_at = functools.partial(_scheduled_lr, t.lr, t.steps, t.lr_schedule,
-                                        t.lr_warmup_steps)
-    party.prediction = cfg.model.prediction
-    party.loss_weighting = recipe_loss_weighting(cfg, party.scheduler)
-    return party
-
-
-def recipe_loss_weighting(cfg: Config, scheduler):
-    """The per-sample loss weights of train.loss_weighting for model.prediction, as a function
-    of t; None for the plain mean (uniform weights on an eps-predicting model), which keeps the
-    loss exactly F.mse_loss."""
-    t = cfg.train
-    if t.loss_weighting == "uniform" and cfg.model.prediction == "epsilon":
-        return None
-    return functools.partial(loss_weights, scheduler, weighting=t.loss_weighting,
-                             gamma=t.min_snr_gamma, prediction=cfg.model.prediction)
-
-
-def _scheduled_lr(lr: float, total: int, schedule: str, warmup: int, step: int) -> float:
-    return lr * lr_factor(step, total, schedule, warmup)
+    return Recipe(prediction=cfg.model.prediction, loss_weighting=t.loss_weighting,
+                  min_snr_gamma=t.min_snr_gamma, lr_schedule=t.lr_schedule,
+                  lr_warmup_steps=t.lr_warmup_steps, total_steps=t.steps)
 
 
 def server_classes(cfg: Config) -> int:
@@ -140,8 +119,9 @@ def client_unet(cfg: Config, client_id: str):
                      client_classes(cfg))
 
 
-def make_server(cfg: Config, device: str | None = None) -> Server:
-    """The server, on ``device`` (default: ``run.device``)."""
+def make_server(cfg: Config, device: str | None = None, meter=None) -> Server:
+    """The server, on ``device`` (default: ``run.device``), reporting its costs into ``meter``
+    (default: nowhere)."""
     torch.manual_seed(party_seed(cfg, "server:init"))
     num_classes = server_classes(cfg)
     model = server_unet(cfg)
@@ -152,8 +132,8 @@ def make_server(cfg: Config, device: str | None = None) -> Server:
                     seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
                     device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
                     cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients},
-                    num_classes=num_classes, label_dropout=cfg.model.label_dropout)
-    return with_recipe(server, cfg)
+                    num_classes=num_classes, label_dropout=cfg.model.label_dropout,
+                    meter=meter, recipe=recipe(cfg))
 
 
 def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
@@ -165,9 +145,10 @@ def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
 
 
 def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
-                device: str | None = None) -> Client:
+                device: str | None = None, meter=None) -> Client:
     """A client, on ``device`` (default: ``run.device``; a Flower node may choose its own), with
-    its own cut ratio and UNet preset where ``[clients.<id>]`` sets them."""
+    its own cut ratio and UNet preset where ``[clients.<id>]`` sets them, reporting its costs
+    into ``meter`` (default: nowhere)."""
     torch.manual_seed(party_seed(cfg, f"client:{client_id}:init"))
     m = cfg.model
     num_classes = client_classes(cfg)
@@ -182,8 +163,8 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
                     device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
                     labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
                     send_labels=m.condition == "both", local_steps=cfg.train.local_steps,
-                    local_batch_size=cfg.train.local_batch_size)
-    return with_recipe(client, cfg)
+                    local_batch_size=cfg.train.local_batch_size, meter=meter,
+                    recipe=recipe(cfg))
 
 
 def total_rounds(cfg: Config, client_sizes: list[int], batches_per_round: int | None = None) -> int:

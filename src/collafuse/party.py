@@ -13,32 +13,71 @@ CPU the two are one generator, drawn in the same order as before devices existed
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
 from .device import Placement
-from .diffusion import eps_from_output, guided_noise
+from .diffusion import eps_from_output, guided_noise, loss_weights
 from .messages import MessageError, on_host
 from .metering import NullMeter
 from .models import EMA, predict_noise
+from .optim import lr_factor
 from .protocols import check_protocol
 from .state import load_state, save_state
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a party trains beyond its optimiser's base lr, and how it reads its model's output
+    (model.prediction; train.loss_weighting, min_snr_gamma, lr_schedule, lr_warmup_steps, and
+    train.steps as the schedule's length). The defaults are the plain recipe: eps-prediction,
+    the plain mean loss, a constant lr."""
+
+    prediction: str = "epsilon"
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    total_steps: int = 0
+
+    @property
+    def schedules_lr(self) -> bool:
+        return self.lr_schedule != "constant" or self.lr_warmup_steps > 0
+
+    def lr_factor(self, step: int) -> float:
+        """The factor of the base lr for the optimiser step after ``step`` steps taken."""
+        return lr_factor(step, self.total_steps, self.lr_schedule, self.lr_warmup_steps)
+
+    def loss_weights(self, scheduler):
+        """Per-sample loss weights as a function of t (:func:`collafuse.diffusion.loss_weights`);
+        None for the plain mean (uniform weights on an eps-predicting model), which keeps the
+        loss exactly F.mse_loss."""
+        if self.loss_weighting == "uniform" and self.prediction == "epsilon":
+            return None
+        return functools.partial(loss_weights, scheduler, weighting=self.loss_weighting,
+                                 gamma=self.min_snr_gamma, prediction=self.prediction)
 
 
 class Party:
     def __init__(self, model: torch.nn.Module, scheduler, cut: int, protocol: str, lr: float,
                  seed: int, ema_decay: float | None = None, meter=None,
                  device: str | torch.device = "cpu", compile: bool = False,
-                 num_classes: int = 0, label_dropout: float = 0.0):
+                 num_classes: int = 0, label_dropout: float = 0.0,
+                 recipe: Recipe = Recipe()):
         """``num_classes`` > 0: the model is class-conditional (:func:`collafuse.models.make_unet`),
         trained with each label replaced by "no label" (index ``num_classes``) with probability
-        ``label_dropout``, so that it also learns the unconditional model guidance needs."""
+        ``label_dropout``, so that it also learns the unconditional model guidance needs.
+        ``meter``: what the party reports its phases' costs into (default: nothing);
+        ``recipe``: its lr schedule, loss weighting and prediction (default: the plain one)."""
         self.place = Placement.of(device)
         self.model = self.place.model(model)
         self.scheduler = scheduler
         self.cut = cut
         self.protocol = check_protocol(protocol)
+        self.base_lr = lr
         self.optimizer = self.place.optimizer(self.model.parameters(), lr)
         self.ema = EMA(self.model, ema_decay) if ema_decay else None
         # the compiled module shares the model's parameters; sampling runs the plain one
@@ -55,14 +94,14 @@ class Party:
         self.loss: torch.Tensor | None = None
         # measure(party, phase) and add_bytes(...), as evaluation.costs.CostMeter
         self.meter = meter or NullMeter()
-        # the training recipe beyond the optimiser's base lr (set by the factory): lr_at(steps)
-        # gives the lr of the next optimiser step (None: always the base lr), loss_weighting(t)
-        # per-sample loss weights (None: the plain mean)
-        self.lr_at = None
-        self.loss_weighting = None
-        # what the model outputs, eps or v (collafuse.diffusion.eps_from_output); set by the
-        # factory with the recipe
-        self.prediction = "epsilon"
+        self.recipe = recipe
+        # per-sample loss weights of t, made once (None: the plain mean)
+        self.loss_weights = recipe.loss_weights(scheduler)
+
+    @property
+    def prediction(self) -> str:
+        """What the model outputs, eps or v (collafuse.diffusion.eps_from_output)."""
+        return self.recipe.prediction
 
     @property
     def name(self) -> str:
@@ -162,9 +201,9 @@ class Party:
     def _optimise(self, loss: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.lr_at is not None:
+        if self.recipe.schedules_lr:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.steps)
+                group["lr"] = self.base_lr * self.recipe.lr_factor(self.steps)
         self.optimizer.step()
         if self.ema:
             self.ema.update(self.model)

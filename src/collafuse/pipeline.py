@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from .client import finish_chain
+from .client import class_labels, finish_chain
 from .diffusion import make_scheduler
-from .engines.local import class_labels
 from .messages import PartialSamples, SampleRequest
 from .metering import client_party
-from .party import Party
+from .party import Party, Recipe
 from .server import Server
 
 EXPORT_FORMAT = "collafuse-export/1"
@@ -117,19 +116,19 @@ class CollaFusePipeline:
         T, shape = info["num_timesteps"], tuple(info["image_shape"])
         scheduler = load_scheduler(path, T)
         s = info["server"]
+        recipe = Recipe(prediction=info["prediction"])  # all sampling needs of the recipe
         server = Server(_unet(path / SERVER_DIR, device), scheduler, s["cut_index"],
                         info["protocol"], shape, NO_TRAINING_LR, s["stream_seed"], device=device,
                         cuts={cid: c["cut_index"] for cid, c in info["clients"].items()},
-                        num_classes=s["num_classes"])
-        server.prediction = info["prediction"]
+                        num_classes=s["num_classes"], recipe=recipe)
         clients = {}
         for cid, c in info["clients"].items():
             if not c["exported"]:
                 continue
             party = ExportedClient(cid, _unet(path / CLIENTS_DIR / cid, device), scheduler,
                                    c["cut_index"], info["protocol"], NO_TRAINING_LR,
-                                   c["stream_seed"], device=device, num_classes=c["num_classes"])
-            party.prediction = info["prediction"]
+                                   c["stream_seed"], device=device, num_classes=c["num_classes"],
+                                   recipe=recipe)
             clients[cid] = party
         return cls(server, clients, info)
 

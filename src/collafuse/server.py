@@ -15,7 +15,7 @@ from .diffusion import StepHook, sample_steps, sampling_plan
 from .messages import (Message, MessageError, NoisedBatch, NoisyViews, PartialSamples,
                        SampleRequest, TRAINING_KINDS, check_images, on_host)
 from .metering import SERVER
-from .party import Party
+from .party import Party, Recipe
 from .protocols import server_loss
 
 
@@ -24,12 +24,13 @@ class Server(Party):
                  image_shape: tuple[int, int, int], lr: float, seed: int,
                  ema_decay: float | None = None, meter=None, device: str | torch.device = "cpu",
                  compile: bool = False, cuts: dict[str, int] | None = None,
-                 num_classes: int = 0, label_dropout: float = 0.0):
+                 num_classes: int = 0, label_dropout: float = 0.0, recipe: Recipe = Recipe()):
         """``cut`` is the run's cut index s; ``cuts`` the clients with one of their own (the
         server owns t >= s_i for client i). ``num_classes`` > 0: a class-conditional model
-        (model.condition = "both"), trained on the labels the clients send."""
+        (model.condition = "both"), trained on the labels the clients send. ``meter`` and
+        ``recipe``: as :class:`collafuse.party.Party`."""
         super().__init__(model, scheduler, cut, protocol, lr, seed, ema_decay, meter, device,
-                         compile, num_classes, label_dropout)
+                         compile, num_classes, label_dropout, recipe)
         self.image_shape = tuple(image_shape)
         self.cuts = dict(cuts or {})
 
@@ -84,7 +85,7 @@ class Server(Party):
             return self._optimise(server_loss(self.protocol,
                                               lambda x_t, t: self._eps(x_t, t, labels),
                                               self.scheduler, messages, self.generator,
-                                              self.noise_generator, self.loss_weighting))
+                                              self.noise_generator, self.loss_weights))
 
     def _training_labels(self, messages: list[Message]) -> torch.Tensor:
         """The messages' labels in server_loss's row order, after label dropout; the rows of a

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..client import class_labels
 from ..config import Config, ConfigError, load_config
 from ..data import save_grid, save_side_by_side, to_uint8
 from ..factory import client_secret, load_client_data, make_client, make_server, total_rounds
@@ -150,22 +151,6 @@ class Run:
         """Whether every party's random streams continued from the loaded state (they do not
         when it was saved on another kind of device: weights load anywhere, streams do not)."""
         return all(p.resumable for p in [self.server, *self.clients.values()])
-
-
-def class_labels(classes: list[str], conditional: bool, num_samples: int,
-                 label: str = "") -> torch.Tensor | None:
-    """Class indices of ``num_samples`` samples: all of class ``label``, or ("") every one of
-    ``classes`` in equal blocks, in order; None for an unconditional model."""
-    if not conditional:
-        if label:
-            raise ValueError(f"--label {label!r}: this run's model is unconditional "
-                             "(model.condition = 'none')")
-        return None
-    if label and label not in classes:
-        raise ValueError(f"--label: expected one of model.classes {classes}, got {label!r}")
-    if label:
-        return torch.full((num_samples,), classes.index(label), dtype=torch.long)
-    return torch.arange(num_samples) * len(classes) // num_samples
 
 
 def read_losses(lines: list[dict]) -> list[dict]:
