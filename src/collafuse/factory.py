@@ -127,13 +127,13 @@ def make_server(cfg: Config, device: str | None = None, meter=None) -> Server:
     model = server_unet(cfg)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     T = cfg.diffusion.num_timesteps
-    server = Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
-                    cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
-                    seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
-                    device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
-                    cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients},
-                    num_classes=num_classes, label_dropout=cfg.model.label_dropout,
-                    meter=meter, recipe=recipe(cfg))
+    return Server(model, scheduler, cut_index(cfg.diffusion.cut_ratio, T),
+                  cfg.train.protocol, image_shape(cfg), lr=cfg.train.lr,
+                  seed=party_seed(cfg, "server"), ema_decay=cfg.train.ema_decay or None,
+                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
+                  cuts={cid: cut_index(cfg.cut_ratio(cid), T) for cid in cfg.clients},
+                  num_classes=num_classes, label_dropout=cfg.model.label_dropout,
+                  meter=meter, recipe=recipe(cfg))
 
 
 def client_secret(secrets_dir: str | Path | None, client_id: str) -> bytes:
@@ -155,16 +155,16 @@ def make_client(cfg: Config, client_id: str, images: ImageSet, secret: bytes,
     model = client_unet(cfg, client_id)
     scheduler = make_scheduler(cfg.diffusion.num_timesteps)
     labels = torch.from_numpy(images.class_indices(m.classes)) if num_classes else None
-    client = Client(client_id, to_model(images.images), model, scheduler,
-                    cut_index(cfg.cut_ratio(client_id), cfg.diffusion.num_timesteps),
-                    cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
-                    seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
-                    ema_decay=cfg.train.ema_decay or None,
-                    device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
-                    labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
-                    send_labels=m.condition == "both", local_steps=cfg.train.local_steps,
-                    local_batch_size=cfg.train.local_batch_size, meter=meter,
-                    recipe=recipe(cfg))
+    return Client(client_id, to_model(images.images), model, scheduler,
+                  cut_index(cfg.cut_ratio(client_id), cfg.diffusion.num_timesteps),
+                  cfg.train.protocol, cfg.train.batch_size, lr=cfg.train.lr,
+                  seed=party_seed(cfg, f"client:{client_id}"), secret=secret,
+                  ema_decay=cfg.train.ema_decay or None,
+                  device=resolve_device(device or cfg.run.device), compile=cfg.train.compile,
+                  labels=labels, num_classes=num_classes, label_dropout=m.label_dropout,
+                  send_labels=m.condition == "both", local_steps=cfg.train.local_steps,
+                  local_batch_size=cfg.train.local_batch_size, meter=meter,
+                  recipe=recipe(cfg))
 
 
 def total_rounds(cfg: Config, client_sizes: list[int], batches_per_round: int | None = None) -> int:
