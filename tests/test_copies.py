@@ -1,10 +1,10 @@
-"""The near-copy ratio test (evaluation/copies.py) on real slices of the bundled data."""
+"""The near-copy ratio test (evaluation/metrics.py) on real slices of the bundled data."""
 
 import numpy as np
 import pytest
 
-from collafuse.evaluation.copies import (THRESHOLD, as_rows, near_copies, near_copy_ratios,
-                                         nearest_distances)
+from collafuse.evaluation.metrics import (THRESHOLD, as_rows, near_copies, near_copy_ratios,
+                                         nearest_neighbours)
 
 from conftest import DEFAULT_DATA
 
@@ -21,10 +21,12 @@ def test_distances_match_brute_force():
     rng = np.random.default_rng(0)
     q, r = rng.integers(0, 256, (37, 8, 8), dtype=np.uint8), rng.integers(0, 256, (90, 8, 8), dtype=np.uint8)
     brute = np.linalg.norm(as_rows(q).numpy()[:, None] - as_rows(r).numpy()[None], axis=2)
-    got = nearest_distances(q, r, n=5, block=8).numpy()  # several blocks
-    np.testing.assert_allclose(got, np.sort(brute, 1)[:, :5], rtol=1e-9, atol=1e-9)
+    d2, index = nearest_neighbours(q, r, k=5, block=8)  # several blocks
+    np.testing.assert_allclose(d2.sqrt().numpy(), np.sort(brute, 1)[:, :5], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(index.numpy(), np.argsort(brute, 1, kind="stable")[:, :5])
     # uint8 images are measured in [-1, 1]: one step of 255 levels is 2.0
-    assert nearest_distances(np.zeros((1, 1, 1), np.uint8), np.full((1, 1, 1), 255, np.uint8))[0, 0] == 2.0
+    d2, _ = nearest_neighbours(np.zeros((1, 1, 1), np.uint8), np.full((1, 1, 1), 255, np.uint8))
+    assert d2[0, 0] == 4.0
 
 
 def test_planted_copies_are_found_and_new_images_are_not(slices):

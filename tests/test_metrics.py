@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from collafuse.evaluation import costs, disclosure, kid
+from collafuse.evaluation import costs, kid, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CANDIDATES = [REPO / "data/lgg_flair_32.npz", REPO.parent / "shared/data/lgg-mri/lgg_flair_128.npz"]
@@ -248,30 +248,30 @@ def test_mean_pairwise_mse_equals_brute_force():
     rng = np.random.default_rng(0)
     a, b = rng.uniform(-1, 1, (5, 1, 4, 3)), rng.uniform(-1, 1, (7, 1, 4, 3))
     brute = np.mean([np.mean((ai - bj) ** 2) for ai in a for bj in b])
-    assert disclosure.mean_pairwise_mse(a, b) == pytest.approx(brute, rel=1e-12)
+    assert metrics.mean_pairwise_mse(a, b) == pytest.approx(brute, rel=1e-12)
 
 
 def test_nearest_neighbour_mse():
     rng = np.random.default_rng(0)
     a = rng.uniform(-1, 1, (40, 1, 8, 8)).astype(np.float32)
     b = rng.uniform(-1, 1, (30, 1, 8, 8))
-    np.testing.assert_array_equal(disclosure.nearest_neighbour_mse(a, a), np.zeros(40))
+    np.testing.assert_array_equal(metrics.nearest_neighbour_mse(a, a), np.zeros(40))
     brute = np.array([min(np.mean((ai - bj) ** 2) for bj in b) for ai in a.astype(np.float64)])
-    np.testing.assert_allclose(disclosure.nearest_neighbour_mse(a, b), brute, rtol=1e-12)
-    assert disclosure.mean_nearest_neighbour_mse(a, b) == pytest.approx(brute.mean())
+    np.testing.assert_allclose(metrics.nearest_neighbour_mse(a, b), brute, rtol=1e-12)
+    assert metrics.mean_nearest_neighbour_mse(a, b) == pytest.approx(brute.mean())
 
 
 def test_psnr_and_ssim_identity():
     x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 16, 16))
-    assert np.all(np.isinf(disclosure.psnr(x, x)))
-    np.testing.assert_allclose(disclosure.ssim(x, x), 1.0, atol=1e-12)
-    np.testing.assert_allclose(disclosure.ssim(x[:, 0], x[:, 0]), 1.0, atol=1e-12)
+    assert np.all(np.isinf(metrics.psnr(x, x)))
+    np.testing.assert_allclose(metrics.ssim(x, x), 1.0, atol=1e-12)
+    np.testing.assert_allclose(metrics.ssim(x[:, 0], x[:, 0]), 1.0, atol=1e-12)
 
 
 def test_psnr_known_value():
     x = np.zeros((1, 4, 4))
     # MSE 0.01 with data range 2: 10 log10(4 / 0.01) = 26.02 dB.
-    assert disclosure.psnr(x + 0.1, x)[0] == pytest.approx(10 * np.log10(400))
+    assert metrics.psnr(x + 0.1, x)[0] == pytest.approx(10 * np.log10(400))
 
 
 def test_ssim_constant_images_closed_form():
@@ -279,29 +279,29 @@ def test_ssim_constant_images_closed_form():
     # SSIM = (2 a b + C1) / (a^2 + b^2 + C1), with C1 = (0.01 * 2)^2.
     a, b, c1 = 0.3, -0.2, (0.01 * 2) ** 2
     x, y = np.full((1, 20, 20), a), np.full((1, 20, 20), b)
-    assert disclosure.ssim(x, y)[0] == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
+    assert metrics.ssim(x, y)[0] == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
 
 
 def test_ssim_decreases_with_noise_and_is_symmetric():
     rng = np.random.default_rng(0)
     x = np.tanh(np.cumsum(rng.normal(size=(2, 1, 32, 32)), axis=-1) / 4)
     noise = rng.normal(size=x.shape)
-    values = [disclosure.ssim(np.clip(x + s * noise, -1, 1), x).mean() for s in (0.0, 0.05, 0.1, 0.3, 1.0)]
+    values = [metrics.ssim(np.clip(x + s * noise, -1, 1), x).mean() for s in (0.0, 0.05, 0.1, 0.3, 1.0)]
     assert all(u > v for u, v in zip(values, values[1:]))
     y = np.clip(x + 0.2 * noise, -1, 1)
-    np.testing.assert_allclose(disclosure.ssim(x, y), disclosure.ssim(y, x), rtol=1e-12)
+    np.testing.assert_allclose(metrics.ssim(x, y), metrics.ssim(y, x), rtol=1e-12)
 
 
 def test_ssim_small_images_shrink_window():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (2, 3, 5, 7))
-    assert disclosure.ssim(x, x) == pytest.approx(1.0)
+    assert metrics.ssim(x, x) == pytest.approx(1.0)
     y = rng.uniform(-1, 1, x.shape)
-    assert np.all(disclosure.ssim(x, y) < 0.5)
+    assert np.all(metrics.ssim(x, y) < 0.5)
     # A single pixel: the window shrinks to 1x1 and SSIM reduces to the luminance term.
     c1 = (0.01 * 2) ** 2
     expected = (2 * x * y + c1) / (x * x + y * y + c1)
-    assert disclosure.ssim(x[:, :, :1, :1], y[:, :, :1, :1]) == pytest.approx(expected[:, :, 0, 0].mean(axis=1))
+    assert metrics.ssim(x[:, :, :1, :1], y[:, :, :1, :1]) == pytest.approx(expected[:, :, 0, 0].mean(axis=1))
 
 
 def test_ssim_matches_skimage():
@@ -309,7 +309,7 @@ def test_ssim_matches_skimage():
     x, y = rng.uniform(-1, 1, (1, 32, 32)), rng.uniform(-1, 1, (1, 32, 32))
     ref = structural_similarity(x[0], y[0], data_range=2.0, gaussian_weights=True,
                                         sigma=1.5, use_sample_covariance=False)
-    assert disclosure.ssim(x, y)[0] == pytest.approx(ref, abs=1e-6)
+    assert metrics.ssim(x, y)[0] == pytest.approx(ref, abs=1e-6)
 
 
 # --- costs -----------------------------------------------------------------------------------
@@ -388,12 +388,12 @@ def test_memorisation_flags_planted_copies_that_the_papers_measure_does_not_see(
     probe, novel = split_holdout(rest, holdout_fraction=0.5, seed=0)
     train, reference, probe, novel = (to_model(s.images).numpy()
                                       for s in (train, reference, probe, novel))
-    clean = disclosure.memorisation(novel, train, reference, probe)
+    clean = metrics.memorisation(novel, train, reference, probe)
     rng = np.random.default_rng(0)
     planted = novel.copy()
     slots = rng.choice(len(novel), len(novel) // 10, replace=False)
     planted[slots] = train[rng.choice(len(train), len(slots), replace=False)]
-    copied = disclosure.memorisation(planted, train, reference, probe)
+    copied = metrics.memorisation(planted, train, reference, probe)
 
     # new images of the hospital sit near the baseline and are rarely "copies" ...
     assert abs(clean["nearer_train"] - clean["baseline_nearer_train"]) < 0.15, clean
@@ -403,6 +403,6 @@ def test_memorisation_flags_planted_copies_that_the_papers_measure_does_not_see(
     assert copied["copy_fraction"] - copied["baseline_copy_fraction"] > 0.05, copied
     assert copied["nearer_train"] > clean["nearer_train"], (clean, copied)
     assert copied["distance_ratio"] < clean["distance_ratio"], (clean, copied)
-    paper_clean = disclosure.mean_pairwise_mse(novel, train)
-    paper_copied = disclosure.mean_pairwise_mse(planted, train)
+    paper_clean = metrics.mean_pairwise_mse(novel, train)
+    paper_copied = metrics.mean_pairwise_mse(planted, train)
     assert abs(paper_copied / paper_clean - 1) < 0.05, (paper_clean, paper_copied)

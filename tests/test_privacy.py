@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import DEFAULT_DATA
 
 from collafuse.data import ImageSet, to_model
-from collafuse.diffusion import add_noise, handover_view, make_scheduler
+from collafuse.diffusion import (add_noise, handover_view, make_scheduler, tweedie_estimate,
+                                 tweedie_from_view)
 from collafuse.privacy import accounting, attacks
 from collafuse.messages import decode, encode
 from collafuse.models import make_unet, predict_noise
@@ -68,7 +69,7 @@ def test_averaging_fresh_noise_converges_to_the_image(mri):
 def test_tweedie_with_the_true_noise_as_model_is_exact(mri):
     scheduler, msg = sent("shared-noise", mri[:16], 60)
     oracle = lambda x, t: msg.eps
-    assert attacks.scores(attacks.tweedie_estimate(oracle, scheduler, msg.x_t, msg.t),
+    assert attacks.scores(tweedie_estimate(oracle, scheduler, msg.x_t, msg.t),
                           mri[:16])["mse"] < 1e-8
 
 
@@ -96,7 +97,7 @@ def test_tweedie_with_the_bayes_optimal_model_beats_the_raw_view_by_the_expected
     x0 = m + v ** 0.5 * torch.randn((256, 1, 32, 32), generator=g)
     a, b = float(abar[cut - 1].sqrt()), float((1 - abar[cut - 1]).sqrt())
     views = a * x0 + b * torch.randn(x0.shape, generator=g)
-    tweedie = attacks.tweedie_from_view(bayes_eps, scheduler, views, cut, g, num_draws=draws)
+    tweedie = tweedie_from_view(bayes_eps, scheduler, views, cut, g, num_draws=draws)
     raw = attacks.view_estimate(scheduler, views, cut)
 
     alpha2, sigma2 = float(abar[cut]), float(1 - abar[cut])

@@ -208,6 +208,40 @@ def renoise_coefficients(scheduler: DDPMScheduler, t: torch.Tensor,
     return ratio.sqrt(), (1.0 - ratio).sqrt(), (1.0 - abar).sqrt()
 
 
+@torch.no_grad()
+def tweedie_estimate(model: Denoiser, scheduler: DDPMScheduler, x_t: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+    """One-step Tweedie estimate E[x0 | x_t] = (x_t - sqrt(1 - abar_t) eps_hat(x_t, t)) / sqrt(abar_t),
+    clipped to [-1, 1] (Efron 2011; Ho et al. 2020, eq. 15)."""
+    return x0_from_eps(scheduler, x_t, model(x_t, t), t).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def tweedie_from_view(model: Denoiser, scheduler: DDPMScheduler, views: torch.Tensor, cut: int,
+                      generator: torch.Generator, num_draws: int = 8) -> torch.Tensor:
+    """The server's model applied to a noisy-data view: re-noise y to t = s, Tweedie, average.
+
+    The server's model is trained only on t >= s, so rather than run it at t = s-1 (outside
+    its range) the server re-noises y with its own eta exactly as in training,
+    x_s = a_s y + b_s eta (docs/design.md section 3; b_s^2 = beta_s is small), and takes the Tweedie
+    estimate E[x0 | x_s]. Averaging over eta gives E[E[x0 | x_s] | y], which by Jensen has no
+    larger error than one draw: the most the server can get from y with its model in one step.
+    Re-noising adds noise of variance b_s^2, so at the lowest cuts (s = 1 of T = 20, even with
+    the Bayes-optimal model) the plain y / sqrt(abar_{s-1}) does better
+    (:func:`collafuse.privacy.attacks.view_estimate`); the audit reports both.
+    With s = 0 the view is already the clean image and is returned as is.
+    """
+    if cut == 0:
+        return views.clone()
+    t = torch.full((len(views),), cut, dtype=torch.long)
+    a, b, _ = (c.view(-1, 1, 1, 1) for c in renoise_coefficients(scheduler, t, cut))
+    total = torch.zeros_like(views)
+    for _ in range(num_draws):
+        eta = torch.randn(views.shape, generator=generator)
+        total += tweedie_estimate(model, scheduler, a * views + b * eta, t)
+    return total / num_draws
+
+
 def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
                  guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with w = guidance_scale - 1):

@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 import numpy as np
 
 from ..choices import PROTOCOLS
-from ..state import atomic_path, write_text
+from ..state import write_text
 from . import intervals as iv
-from .layout import TRAJECTORY, run_dir
+from .plotting import plot_costs, plot_disclosure, plot_kid, plot_trajectories
+from .rows import (by_cut, clients, cut_ratios, main_protocol, protocol_rows,
+                   seed_table, seeds_of)
 
 FIGURES = {
     "kid": "fig3_kid.png",
@@ -35,7 +33,6 @@ FIGURES = {
 REPORT = "report.md"
 # The paper's mean pixel MSE between the server's images at the cut and the clients' real ones.
 PAPER_DISCLOSURE_MSE = {"c=0": 0.087, "c>=0.2": "about 1.0 to 1.07"}
-PAPER_PROTOCOL = "shared-noise"
 
 
 def write_report(out: str | Path) -> Path:
@@ -51,178 +48,6 @@ def write_report(out: str | Path) -> Path:
     path = out / REPORT
     write_text(path, render(rows, out))
     return path
-
-
-# ---------------------------------------------------------------- tables of the rows
-
-
-def main_protocol(rows: list[dict]) -> str:
-    """The protocol the figures and per-cut tables show: the paper's where it ran."""
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
-    return PAPER_PROTOCOL if PAPER_PROTOCOL in protocols else protocols[0]
-
-
-def protocol_rows(rows: list[dict], protocol: str | None = None) -> list[dict]:
-    protocol = protocol or main_protocol(rows)
-    return [r for r in rows if r["protocol"] == protocol]
-
-
-def seeds_of(rows: list[dict]) -> list[int]:
-    return sorted({r.get("seed", 0) for r in rows})
-
-
-def seed_table(rows: list[dict], key: str, reduce=np.mean) -> dict[float, dict[int, float]]:
-    """{c: {seed: value}} of one protocol's rows, the value ``reduce`` over that seed's clients
-    (the unit the intervals of :mod:`.intervals` are taken over)."""
-    table: dict[float, dict[int, list]] = {}
-    for r in rows:
-        if r.get(key) is not None and np.isfinite(r[key]):
-            table.setdefault(r["cut_ratio"], {}).setdefault(r.get("seed", 0), []).append(r[key])
-    return {c: {k: float(reduce(v)) for k, v in sorted(by_seed.items())}
-            for c, by_seed in sorted(table.items())}
-
-
-def cut_ratios(rows: list[dict]) -> list[float]:
-    return sorted({r["cut_ratio"] for r in rows})
-
-
-def clients(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["client"] for r in rows))
-
-
-def by_cut(rows: list[dict], key: str, reduce=np.mean) -> np.ndarray:
-    """One value per cut ratio: ``reduce`` over the clients' rows (NaN where none is known)."""
-    out = []
-    for c in cut_ratios(rows):
-        values = [r[key] for r in rows if r["cut_ratio"] == c and r.get(key) is not None]
-        out.append(float(reduce(values)) if values else float("nan"))
-    return np.array(out)
-
-
-def per_client(rows: list[dict], key: str) -> dict[str, np.ndarray]:
-    """Per client, one value per cut ratio: the mean over seeds (NaN where none)."""
-    cs = cut_ratios(rows)
-    return {cid: np.array([_mean([r[key] for r in rows if r["client"] == cid
-                                  and r["cut_ratio"] == c]) for c in cs])
-            for cid in clients(rows)}
-
-
-def _mean(values) -> float:
-    values = [_num(v) for v in values]
-    values = [v for v in values if np.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _num(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
-# ---------------------------------------------------------------- figures
-
-
-def plot_kid(rows: list[dict], path: Path) -> None:
-    """The paper's Figure 3 (left): per-client KID stacked, against c."""
-    cs = cut_ratios(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, title in [(axes[0], "kid_train", "KID against own training data"),
-                           (axes[1], "kid_holdout", "KID against hold-out patients")]:
-        bottom = np.zeros(len(cs))
-        for cid, values in per_client(rows, key).items():
-            ax.bar([f"{c:g}" for c in cs], values, bottom=bottom, label=cid)
-            bottom += np.nan_to_num(values)
-        # error bars: the 95% t-interval over seeds of each seed's stack (sum over clients)
-        stacks = seed_table(rows, key, reduce=np.sum)
-        spans = [iv.t_interval(stacks.get(c, {}).values()) for c in cs]
-        if any(span.n >= 2 for span in spans):
-            ax.errorbar([f"{c:g}" for c in cs], bottom,
-                        yerr=[[bottom[i] - span.low if span.n >= 2 else 0 for i, span in
-                               enumerate(spans)],
-                              [span.high - bottom[i] if span.n >= 2 else 0 for i, span in
-                               enumerate(spans)]], fmt="none", ecolor="black", capsize=4)
-        ax.set_title(title)
-        ax.set_xlabel("cut ratio c (client's share of steps)")
-    axes[0].set_ylabel("KID (stacked over clients, lower is better)")
-    axes[1].legend(title="client")
-    save_figure(fig, path)
-
-
-def plot_disclosure(rows: list[dict], path: Path) -> None:
-    """The paper's Figure 3 (right) and the copy-sensitive measures, against c."""
-    cs = cut_ratios(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for cid, values in per_client(rows, "disclosure_mse").items():
-        axes[0].plot(cs, values, "o-", label=f"{cid}: paper's, mean pairwise")
-    for cid, values in per_client(rows, "disclosure_x0_nn_mse").items():
-        axes[0].plot(cs, values, "s--", label=f"{cid}: server's x0 estimate, nearest")
-    axes[0].plot(cs, by_cut(rows, "disclosure_x0_nn_mse_baseline"), "k:",
-                 label="baseline: new images of the hospitals, nearest")
-    axes[0].set_ylabel("MSE to the client's training images")
-    for cid, values in per_client(rows, "disclosure_kid").items():
-        axes[1].plot(cs, values, "o-", label=cid)
-    axes[1].set_ylabel("KID, hand-over vs real images (paper's)")
-    for cid, values in per_client(rows, "disclosure_memorisation_nearer_train").items():
-        axes[2].plot(cs, values, "o-", label=cid)
-    axes[2].plot(cs, by_cut(rows, "disclosure_memorisation_baseline_nearer_train"), "k:",
-                 label="baseline: held-out patients")
-    axes[2].set_ylabel("fraction of x0 estimates nearer to training\nthan to held-out patients")
-    for ax in axes:
-        ax.set_xlabel("cut ratio c")
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_costs(rows: list[dict], path: Path) -> None:
-    """Training cost of a client (mean over clients) and of the server, against c."""
-    cs = cut_ratios(rows)
-    panels = [("flops", "FLOPs"), ("energy_kwh", "energy (kWh)"),
-              ("bytes", "bytes sent + received"), ("seconds", "wall time (s)")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, (key, label) in zip(axes, panels):
-        for party, label_ in (("client", "client (mean over clients)"), ("server", "server")):
-            ax.plot(cs, _party_cost(rows, party, key), "o-", label=label_)
-        ax.set_xlabel("cut ratio c")
-        ax.set_title(label)
-    axes[0].legend()
-    save_figure(fig, path)
-
-
-def _party_cost(rows: list[dict], party: str, key: str) -> np.ndarray:
-    if key == "bytes":
-        return by_cut(rows, f"{party}_bytes_sent") + by_cut(rows, f"{party}_bytes_received")
-    return by_cut(rows, f"{party}_{key}")
-
-
-def plot_trajectories(out: Path, rows: list[dict], path: Path) -> None:
-    """The paper's Figure 2: one sample denoised, a row per c (same starting noise), from the
-    runs of the first training seed of the rows' protocol."""
-    protocol, seed = rows[0]["protocol"], seeds_of(rows)[0]
-    files = [(c, run_dir(out, protocol, c, seed) / TRAJECTORY) for c in cut_ratios(rows)]
-    found = [(c, np.load(f)) for c, f in files if f.is_file()]
-    if not found:
-        return
-    cols = max(len(t["steps"]) for _, t in found)
-    fig, axes = plt.subplots(len(found), cols, figsize=(1.6 * cols, 1.7 * len(found)),
-                             squeeze=False)
-    for row, (c, t) in enumerate(found):
-        for col, ax in enumerate(axes[row]):
-            ax.axis("off")
-            if col >= len(t["steps"]):
-                continue
-            step = int(t["steps"][col])
-            ax.imshow(t["images"][col], cmap="gray", vmin=0, vmax=255)
-            owner = "server" if step >= int(t["cut"]) else "client"
-            ax.set_title(f"{step} left ({owner})" if col else "noise", fontsize=7)
-        axes[row][0].text(-0.15, 0.5, f"c={c:g}", transform=axes[row][0].transAxes,
-                          ha="right", va="center")
-    save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write as PNG atomically, and free the figure."""
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the report

@@ -12,7 +12,7 @@ interrupted one resumed), then every client is evaluated:
   images for c = 0) against the client's real training images: the paper's measures, mean
   pairwise MSE (blind to copying, see :mod:`.disclosure`) and KID; and the copy-sensitive
   measures on the server's own estimate of x0 from each hand-over (Tweedie with its model):
-  nearest-neighbour MSE to the training images and :func:`.disclosure.memorisation` against
+  nearest-neighbour MSE to the training images and :func:`.metrics.memorisation` against
   the client's same-hospital held-out patients, each beside its no-copy baseline;
 - cost per party and phase from a CostMeter (FLOPs, energy, seconds, bytes).
 
@@ -39,16 +39,15 @@ import torch
 
 from ..config import Config, ConfigError, from_dict, load_config
 from ..data import patient_ids, split_holdout, to_model, to_uint8
+from ..diffusion import tweedie_from_view
 from ..engines.local import METRICS, load_run, run_training
 from ..metering import SERVER, client_party, totals
-from ..privacy.attacks import tweedie_from_view
 from ..state import save_npz, write_text
 from ..tracking import log_sweep_rows
 from .costs import CostMeter
-from .copies import near_copies
-from .disclosure import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation
 from .kid import cached_features, kid, kid_bootstrap_interval
 from .layout import EVALUATION, RESULTS, TRAJECTORY, run_dir
+from .metrics import mean_nearest_neighbour_mse, mean_pairwise_mse, memorisation, near_copies
 from .pace import SweepBar, project
 
 TRAINING_PHASES = ("diffusion", "training")
@@ -313,9 +312,9 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
 
 def sample_copies(samples: torch.Tensor, train: torch.Tensor, held) -> dict:
     """Do a client's published samples copy its patients? The mean nearest-neighbour MSE
-    (:func:`.disclosure.mean_nearest_neighbour_mse`, the unit of the disclosure columns) of its
+    (:func:`.metrics.mean_nearest_neighbour_mse`, the unit of the disclosure columns) of its
     samples to the client's training images and to its own held-out patients, and the near-copy
-    fraction of the ratio test (:func:`.copies.near_copies`,
+    fraction of the ratio test (:func:`.metrics.near_copies`,
     Carlini et al. 2023) beside its baseline: the same fraction for those held-out patients'
     real images (None when the hospital holds no patients out)."""
     held = None if held is None else to_model(held.images)
@@ -336,7 +335,7 @@ def copy_disclosure(run, client_id: str, handover: torch.Tensor, seed: int) -> d
     the final images themselves at c = 0; nothing at c = 1, where it hands over pure noise).
     ``x0_nn_mse``: mean nearest-neighbour MSE of the estimates to the client's training images,
     beside the same for real images of held-out patients of the hospital (``_baseline``: what
-    a new image of that hospital scores). ``memorisation_*``: :func:`.disclosure.memorisation`,
+    a new image of that hospital scores). ``memorisation_*``: :func:`.metrics.memorisation`,
     with those held-out patients split by patient into reference and no-copy probe.
     """
     server, train = run.server, run.clients[client_id].images.numpy()

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError, load_images
-from .copies import near_copies
 from .kid import cached_features, kid, kid_bootstrap_interval
+from .metrics import near_copies
 
 
 def default_cache_dir() -> Path:

@@ -3,11 +3,12 @@
 Each attack takes only what the server really has: the messages it received (x_t, t, eps under
 shared-noise; one view y at the hand-over level s-1 under noisy-data), its own model and the
 public schedule. Images are float32 NCHW in [-1, 1]; scores come from
-:mod:`collafuse.evaluation.disclosure` (PSNR and SSIM with data range 2, pixel MSE).
+:mod:`collafuse.evaluation.metrics` (PSNR and SSIM with data range 2, pixel MSE).
 
 - (a) :func:`reconstruct_shared_noise`: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), exact;
   :func:`view_estimate`: the best the server can do from a noisy-data view alone.
-- (b) :func:`tweedie_estimate`, :func:`tweedie_from_view`: the server's model as a denoiser.
+- (b) :func:`collafuse.diffusion.tweedie_estimate`, :func:`~collafuse.diffusion.tweedie_from_view`:
+  the server's model as a denoiser (the audit's attack b; next to the math they invert).
 - (c) :func:`averaging_attack`: views with fresh noise every epoch, averaged over k epochs.
 - (r) :func:`seed_replay`: views whose noise xi came from a seed the server can derive (the
   run's config) are undone exactly by regenerating xi from candidate seeds.
@@ -22,16 +23,15 @@ the attack tells the server less than a guess made without any message.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from ..diffusion import add_noise, handover_view, renoise_coefficients, x0_from_eps
-from ..evaluation.disclosure import nearest_neighbour_mse, psnr, ssim
+from ..diffusion import Denoiser, add_noise, handover_view
+from ..evaluation.metrics import nearest_neighbour_mse, psnr, ssim
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _abar(scheduler: DDPMScheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,39 +89,8 @@ def view_estimate(scheduler: DDPMScheduler, views: torch.Tensor, cut: int) -> to
     return (views / a).clamp(-1.0, 1.0)
 
 
-# (b) Denoising with the server's own model ---------------------------------------------------
-
-@torch.no_grad()
-def tweedie_estimate(model: Denoiser, scheduler: DDPMScheduler, x_t: torch.Tensor,
-                     t: torch.Tensor) -> torch.Tensor:
-    """One-step Tweedie estimate E[x0 | x_t] = (x_t - sqrt(1 - abar_t) eps_hat(x_t, t)) / sqrt(abar_t),
-    clipped to [-1, 1] (Efron 2011; Ho et al. 2020, eq. 15)."""
-    return x0_from_eps(scheduler, x_t, model(x_t, t), t).clamp(-1.0, 1.0)
-
-
-@torch.no_grad()
-def tweedie_from_view(model: Denoiser, scheduler: DDPMScheduler, views: torch.Tensor, cut: int,
-                      generator: torch.Generator, num_draws: int = 8) -> torch.Tensor:
-    """The server's model applied to a noisy-data view: re-noise y to t = s, Tweedie, average.
-
-    The server's model is trained only on t >= s, so rather than run it at t = s-1 (outside
-    its range) the server re-noises y with its own eta exactly as in training,
-    x_s = a_s y + b_s eta (docs/design.md section 3; b_s^2 = beta_s is small), and takes the Tweedie
-    estimate E[x0 | x_s]. Averaging over eta gives E[E[x0 | x_s] | y], which by Jensen has no
-    larger error than one draw: the most the server can get from y with its model in one step.
-    Re-noising adds noise of variance b_s^2, so at the lowest cuts (s = 1 of T = 20, even with
-    the Bayes-optimal model) the plain :func:`view_estimate` does better; the audit reports both.
-    With s = 0 the view is already the clean image and is returned as is.
-    """
-    if cut == 0:
-        return views.clone()
-    t = torch.full((len(views),), cut, dtype=torch.long)
-    a, b, _ = (c.view(-1, 1, 1, 1) for c in renoise_coefficients(scheduler, t, cut))
-    total = torch.zeros_like(views)
-    for _ in range(num_draws):
-        eta = torch.randn(views.shape, generator=generator)
-        total += tweedie_estimate(model, scheduler, a * views + b * eta, t)
-    return total / num_draws
+# (b) Denoising with the server's own model: collafuse.diffusion.tweedie_estimate and
+# tweedie_from_view (next to the math they invert; the sweep uses them too)
 
 
 # (c) Averaging attack ------------------------------------------------------------------------

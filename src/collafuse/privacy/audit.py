@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..data import to_model
-from ..diffusion import add_noise, handover_view
+from ..diffusion import add_noise, handover_view, tweedie_estimate, tweedie_from_view
 from ..messages import SampleRequest, decode, encode
 from ..protocols import PROTOCOLS, server_message
 from ..state import write_text
@@ -97,11 +97,11 @@ def attack_message(protocol: str, msg, x0: torch.Tensor, model, scheduler, cut: 
     """Attacks (a) and (b) on one replayed message against the true images x0."""
     if protocol == "shared-noise":
         a_est = attacks.reconstruct_shared_noise(scheduler, msg.x_t, msg.t, msg.eps)
-        b_est = attacks.tweedie_estimate(model, scheduler, msg.x_t, msg.t)
+        b_est = tweedie_estimate(model, scheduler, msg.x_t, msg.t)
         method = "exact inversion of (x_t, t, eps)"
     else:
         a_est = attacks.view_estimate(scheduler, msg.views, cut)
-        b_est = attacks.tweedie_from_view(model, scheduler, msg.views, cut, generator)
+        b_est = tweedie_from_view(model, scheduler, msg.views, cut, generator)
         method = "view alone, y / sqrt(abar_{s-1})"
     return {"a_method": method,
             **{f"a_{k}": v for k, v in attacks.scores(a_est, x0).items()},
@@ -316,6 +316,8 @@ def tradeoff_rows(privacy_rows: list[dict], results_rows: list[dict]) -> list[di
 
 def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: Path) -> str:
     """The utility-vs-privacy table and figure of a sweep (the paper's outlook asks for it)."""
+    from ..evaluation.plotting import plot_tradeoff  # matplotlib: only where a figure is drawn
+
     rows = tradeoff_rows(privacy_rows, results_rows)
     plot_tradeoff(rows, Path(out) / TRADEOFF_FIGURE)
     lines = ["## Utility against privacy, per cut ratio and protocol", "",
@@ -344,42 +346,6 @@ def tradeoff_markdown(privacy_rows: list[dict], results_rows: list[dict], out: P
             _fmt(r["epsilon_image"]), _fmt(r["epsilon_pixel"])]) + " |")
     lines += ["", f"![utility against privacy]({TRADEOFF_FIGURE})", ""]
     return "\n".join(lines)
-
-
-def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    """Left: KID (hold-out) against attack PSNR, a point per cut ratio, a line per protocol.
-    Right: attack PSNR against c for both protocols (counterfactual ones dashed). Both show
-    the mean-image baseline (dotted): points left of / below it disclose less than a guess."""
-    from ..evaluation.report import plt, save_figure  # report chose the Agg backend
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for protocol in PROTOCOLS:
-        for trained, style in ((True, "o-"), (False, "s--")):
-            pts = sorted((r for r in rows if r["protocol"] == protocol and r["trained"] == trained),
-                         key=lambda r: r["cut_ratio"])
-            if not pts:
-                continue
-            psnr = [min(r["attack_psnr"], 160.0) for r in pts]
-            label = protocol + ("" if trained else " (counterfactual)")
-            axes[1].plot([r["cut_ratio"] for r in pts], psnr, style, label=label)
-            if trained:
-                axes[0].plot(psnr, [r["kid_holdout"] for r in pts], style, label=protocol)
-                for r, x in zip(pts, psnr):
-                    axes[0].annotate(f"c={r['cut_ratio']:g}", (x, r["kid_holdout"]), fontsize=7)
-    base = sorted({(r["cut_ratio"], r["baseline_psnr"]) for r in rows
-                   if math.isfinite(r["baseline_psnr"])})
-    if base:
-        axes[1].plot([c for c, _ in base], [p for _, p in base], ":", color="grey",
-                     label="baseline: non-members' mean image")
-        axes[0].axvline(_mean([p for _, p in base]), linestyle=":", color="grey",
-                        label="baseline: non-members' mean image")
-    axes[0].set_xlabel("attack PSNR, dB (higher = more disclosed)")
-    axes[0].set_ylabel("KID against hold-out (lower = better images)")
-    axes[1].set_xlabel("cut ratio c")
-    axes[1].set_ylabel("attack PSNR, dB (capped at 160)")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
 
 
 def load_privacy_rows(path: str | Path) -> list[dict]:

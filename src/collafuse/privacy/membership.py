@@ -33,7 +33,6 @@ FPR with bootstrap intervals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,11 +40,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..data import ImageSet
-from ..diffusion import add_noise, ddim_move
-from ..evaluation.disclosure import nearest_neighbour_mse
+from ..diffusion import Denoiser, add_noise, ddim_move
+from ..evaluation.metrics import nearest_neighbour_mse
 from .attacks import membership_losses, roc_auc, score_timesteps, tpr_at_fpr
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FPRS = (0.01, 0.001)
 ATTACKS = ("loss", "secmi", "pia")
 
