@@ -146,3 +146,30 @@ def test_bad_recipe_values_are_one_line_errors(tiny_config, key, value):
 def test_cosine_decay_needs_a_step_count(tiny_config):
     with pytest.raises(ConfigError, match="lr_schedule"):
         tiny_config(**{"train.lr_schedule": '"cosine"', "train.epochs": 2})
+
+
+def test_parties_are_built_with_their_recipe_and_meter(tiny_config):
+    """The factory hands each party its recipe and meter at construction (nothing is set on a
+    built party afterwards); one config gives every party the same recipe."""
+    from collafuse import factory
+    from collafuse.metering import WallMeter
+    from collafuse.party import Recipe
+
+    cfg = tiny_config(**{"model.prediction": '"v"', "train.loss_weighting": '"min-snr"',
+                         "train.lr_schedule": '"cosine"', "train.lr_warmup_steps": 3})
+    meter = WallMeter()
+    cid, images = next(iter(factory.load_client_data(cfg).clients.items()))
+    parties = [factory.make_server(cfg, meter=meter),
+               factory.make_client(cfg, cid, images, bytes(32), meter=meter)]
+    expected = Recipe(prediction="v", loss_weighting="min-snr",
+                      min_snr_gamma=cfg.train.min_snr_gamma, lr_schedule="cosine",
+                      lr_warmup_steps=3, total_steps=cfg.train.steps)
+    for party in parties:
+        assert party.meter is meter and party.recipe == expected
+        t = torch.arange(party.num_timesteps)
+        assert torch.allclose(party.loss_weights(t), (party.scheduler.alphas_cumprod
+                              / (1 - party.scheduler.alphas_cumprod)).clamp(
+                                  max=cfg.train.min_snr_gamma)
+                              / (party.scheduler.alphas_cumprod
+                                 / (1 - party.scheduler.alphas_cumprod)))
+    assert not hasattr(factory, "with_recipe")
