@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import LOSS_WEIGHTINGS, LR_SCHEDULES, PREDICTIONS, expected
 from .device import Placement
 from .diffusion import eps_from_output, guided_noise, loss_weights
 from .messages import MessageError, on_host
@@ -42,6 +43,13 @@ class Recipe:
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     total_steps: int = 0
+
+    def __post_init__(self):
+        for field, value, names in (("model.prediction", self.prediction, PREDICTIONS),
+                                    ("train.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS),
+                                    ("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+            if value not in names:
+                raise ValueError(f"{field}: expected {expected(names)}, got {value!r}")
 
     @property
     def schedules_lr(self) -> bool:
