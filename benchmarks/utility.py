@@ -30,7 +30,7 @@ from collafuse.config import load_config
 from collafuse.factory import load_client_data
 from collafuse.data import load_images
 from collafuse.device import enlarge_cpu_kernel_cache
-from collafuse.evaluation.copies import near_copies
+from collafuse.evaluation.metrics import near_copies
 from collafuse.evaluation.utility import (bootstrap, labelled, paired_difference,
                                           scores_over_seeds, steps_per_epoch, training_sets,
                                           utility_split)
@@ -54,8 +54,8 @@ def synthetic_sets(run_dir: Path, samples: Path | None, n: int) -> dict:
 
 def print_copy_check(cfg, synthetic: dict) -> None:
     """Are the samples copies of patients? Per client, the near-copy fraction (Carlini et al.'s
-    ratio test, collafuse.evaluation.copies) of its samples against its training slices, beside
-    the same fraction for its own held-out patients' real slices (the baseline)."""
+    ratio test, collafuse.evaluation.metrics.near_copies) of its samples against its training
+    slices, beside the same fraction for its own held-out patients' real slices (the baseline)."""
     data = load_client_data(cfg)
     print("\n| client | samples | near-copies of samples | own held-out slices | near-copies of "
           "them (baseline) |")
