@@ -176,7 +176,7 @@ def test_label_dropout_rate(two_classes):
 
 def test_run_folder_sample_command_and_flower_refusal(two_classes, tmp_path, capsys):
     from collafuse.cli import main
-    from collafuse.engines.flower.server_app import on_flower
+    from collafuse.engines.flower.common import on_flower
 
     cfg = config(two_classes, "client", **{"train.steps": 4})
     run_training(cfg, tmp_path / "run", progress=False)

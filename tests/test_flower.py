@@ -33,6 +33,7 @@ path = "{ROOT}/data/lgg_flair_32.npz"
 intensity = "none"
 clients = {extra.get("clients", '["DU", "HT"]')}
 max_images_per_client = 16
+{extra.get("data", "min_images_per_client = 8")}
 [diffusion]
 num_timesteps = 20
 cut_ratio = 0.6

@@ -11,8 +11,10 @@ needs on its own disk, in its ``state-dir``:
   refused.
 - ``<client-id>.key``: the client's secret, made from os.urandom on first use; it seeds the
   noisy-data view noise and never leaves the node.
-- ``images.npz`` / ``images.json``: the node's training images as the run uses them, cached
-  so that a message does not re-read the source data.
+- ``images.npz`` / ``holdout.npz`` / ``images.json``: the node's training images and its own
+  held-out patients as the factory makes them (``load_node_data``: the run's size, layout,
+  intensity, data.client_holdout_fraction, data.min_images_per_client), cached so that a
+  message does not re-read the source data.
 
 Message types handled (each checks the request and the node's policy before anything else):
 
@@ -49,13 +51,13 @@ from flwr.clientapp import ClientApp
 from . import transport
 from ...choices import PROTOCOLS
 from ...state import write_text
-from .common import code_digest, info, node_setting
+from .common import code_digest, config_from_text, info, node_setting
 
 app = ClientApp()
 
 STATE_FILE = "client.pt"
 CONFIG_FILE = "config.toml"
-IMAGES_CACHE, IMAGES_KEY = "images.npz", "images.json"
+IMAGES_CACHE, HOLDOUT_CACHE, IMAGES_KEY = "images.npz", "holdout.npz", "images.json"
 KEEP_REPLIES = 2  # a pipelining server may re-ask the round before the last after a crash
 MAX_SAMPLE_IMAGES = 4096
 MAX_SAMPLE_BYTES = 2**30  # one hand-over array
@@ -158,8 +160,6 @@ class Node:
 
 def _request(msg: Message, max_count: int = 0, max_array_bytes: int = 4096):
     """The request's (arrays, metadata, config), checked: exactly the expected keys and types."""
-    from .server_app import config_from_text
-
     schema = REQUESTS[msg.metadata.message_type]
     try:
         arrays, meta = transport.unpack(msg.content, max_count, max_array_bytes)
@@ -207,37 +207,35 @@ def _cache_index(node: Node, key: str) -> dict | None:
 def _num_images(cfg, node: Node) -> int:
     """The image count, from the cache's index when it is current (no torch import)."""
     index = _cache_index(node, _source_key(cfg, node))
-    return int(index["num-images"]) if index else len(_images(cfg, node))
+    return int(index["num-images"]) if index else len(_node_data(cfg, node)[0])
 
 
-def _images(cfg, node: Node):
-    """The node's training images exactly as the in-process engine would give them, from the
-    node's cache when current, else made from the source and cached."""
-    from ...data import load_images, normalise_intensity, save_images, split_holdout
+def _node_data(cfg, node: Node):
+    """The node's (training images, own held-out patients) as the factory makes them (its
+    data-path, or its partition of data.path in the simulation engine), from the node's cache
+    when current, else made and cached."""
+    from ...data import load_images, save_images
 
-    key, cache = _source_key(cfg, node), node.state_dir / IMAGES_CACHE
-    if _cache_index(node, key):
-        return load_images(cache)
+    key = _source_key(cfg, node)
+    train_file, held_file = node.state_dir / IMAGES_CACHE, node.state_dir / HOLDOUT_CACHE
+    if _cache_index(node, key) and held_file.is_file():
+        return load_images(train_file), load_images(held_file)
     if node.data_path is None:
         from ...factory import load_client_data
 
-        parts = load_client_data(cfg).clients
-        if node.client_id not in parts:
+        data = load_client_data(cfg)
+        if node.client_id not in data.clients:
             raise ValueError(f"client {node.client_id!r} is not a partition of {cfg.data.path} "
-                             f"(have {sorted(parts)})")
-        images = parts[node.client_id]
+                             f"(have {sorted(data.clients)})")
+        train, held = data.clients[node.client_id], data.client_holdout[node.client_id]
     else:
-        images = load_images(node.data_path, image_size=cfg.data.image_size,
-                             channels=cfg.data.channels)
-        images.images = normalise_intensity(images.images, cfg.data.intensity)
-        if cfg.data.client_holdout_fraction:
-            images, _ = split_holdout(images, holdout_fraction=cfg.data.client_holdout_fraction,
-                                      seed=cfg.run.seed)
-        if cfg.data.max_images_per_client:
-            images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
-    save_images(images, cache)
-    write_text(node.state_dir / IMAGES_KEY, json.dumps({"key": key, "num-images": len(images)}))
-    return images
+        from ...factory import load_node_data
+
+        train, held = load_node_data(cfg, node.client_id, node.data_path)
+    save_images(train, train_file)
+    save_images(held, held_file)
+    write_text(node.state_dir / IMAGES_KEY, json.dumps({"key": key, "num-images": len(train)}))
+    return train, held
 
 
 def _client(cfg, node: Node, context: Context):
@@ -248,7 +246,7 @@ def _client(cfg, node: Node, context: Context):
     enlarge_cpu_kernel_cache()  # before any convolution runs, as the collafuse command does
     # the secret stays on this node's disk; the server never sees it or anything it is made from
     device = str(context.node_config.get("device") or "auto")  # the node's choice, not the server's
-    return make_client(cfg, node.client_id, _images(cfg, node),
+    return make_client(cfg, node.client_id, _node_data(cfg, node)[0],
                        client_secret(node.state_dir, node.client_id), device=device)
 
 

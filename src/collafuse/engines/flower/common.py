@@ -1,10 +1,12 @@
-"""Small helpers shared by the CollaFuse ServerApp and ClientApp (no CollaFuse logic)."""
+"""Small helpers shared by the CollaFuse ServerApp and ClientApp: logging, the code digest, the
+run's config as the server sends it, node settings."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import tomllib
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -53,3 +55,20 @@ def node_setting(node_config: dict[str, Any], key: str, default: Any = None) -> 
             f"--node-config \"{key}='...'\" (got keys {sorted(node_config)})"
         )
     return default
+
+
+def config_from_text(text: str):
+    """The run's config from the TOML text the server sends with every request."""
+    from ...config import from_dict
+
+    return on_flower(from_dict(tomllib.loads(text), source="config sent by the server"))
+
+
+def on_flower(cfg):
+    """The config, unless it asks for what this engine does not carry: class-conditional
+    models (their labels and guidance are in-process only for now)."""
+    if cfg.model.condition != "none":
+        raise ValueError(f"model.condition = {cfg.model.condition!r}: class-conditional runs "
+                         "are in-process only (collafuse train / sample / sweep); the Flower "
+                         "engine does not carry labels yet")
+    return cfg

@@ -2,8 +2,9 @@
 
 Per round the server sends every verified hospital one ``train`` message asking for K batches,
 receives each node's K encoded CollaFuse messages, and calls ``Server.train_step`` once per
-batch index on the union of the clients' messages (clients in the in-process engine's order),
-exactly as ``collafuse.engines.local`` does, so both engines give the same models under the
+batch index on the union of the clients' messages (clients in the in-process engine's order):
+the round loop is ``collafuse.engines.rounds.run_rounds``, the in-process engine's own, with
+:class:`NodeTransport` carrying the messages, so both engines give the same models under the
 same seed. Rounds are pipelined: round r+1's requests go out as soon as round r's replies are
 in, so the nodes train while the server does.
 
@@ -31,7 +32,6 @@ import json
 import re
 import shlex
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import transport
 from ...state import write_text
-from .common import code_digest, info, warn, write_json
+from .common import code_digest, info, on_flower, warn, write_json
+from ..rounds import ClientReplies, run_rounds
 from .replies import RejectedReply, accept_hello, accept_sample, accept_train
 
 app = ServerApp()
@@ -53,12 +54,6 @@ IDENTITIES = ("registered-name", "node-report")
 POLL = 0.1  # seconds between pulls of replies (Flower's own send_and_receive sleeps 3 s)
 
 
-def config_from_text(text: str):
-    from ...config import from_dict
-
-    return on_flower(from_dict(tomllib.loads(text), source="config sent by the server"))
-
-
 def load_run_config(context: Context):
     from ...config import load_config
 
@@ -66,16 +61,6 @@ def load_run_config(context: Context):
     path = str(rc.get("config", "")) or None
     overrides = shlex.split(str(rc.get("overrides", "")))
     return on_flower(load_config(path, overrides))
-
-
-def on_flower(cfg):
-    """The config, unless it asks for what this engine does not carry: class-conditional
-    models (their labels and guidance are in-process only for now)."""
-    if cfg.model.condition != "none":
-        raise ValueError(f"model.condition = {cfg.model.condition!r}: class-conditional runs "
-                         "are in-process only (collafuse train / sample / sweep); the Flower "
-                         "engine does not carry labels yet")
-    return cfg
 
 
 @dataclass
@@ -345,6 +330,83 @@ def save(server, progress: dict, run_dir: Path) -> None:
     save_state({"server": server.state_dict(), "progress": progress}, run_dir / SERVER_STATE)
 
 
+class NodeTransport:
+    """The Flower engine's :class:`..rounds.Transport`: a round's requests are pushed to the
+    verified nodes, their replies pulled and checked (:mod:`.replies`); a node that fails, is
+    silent or sends anything unexpected is left out of that round, with a logged reason."""
+
+    def __init__(self, grid: Grid, roster: Roster, server, settings: Settings, cfg):
+        self.grid, self.roster, self.server, self.settings, self.cfg = (grid, roster, server,
+                                                                         settings, cfg)
+        self.inflight: dict[int, tuple[Exchange, dict[int, str]]] = {}
+
+    def request(self, rnd: int) -> None:
+        self.roster.greet(self.grid, rnd - 1)  # a node that (re)connected serves from rnd on
+        clients = {self.roster.node_of[c]: c for c in self.roster.order}
+        meta = {"config-toml": self.roster.cfg_text, "round": rnd,
+                "batches": self.settings.batches_per_round, "code-digest": self.roster.digest}
+        contents = {n: transport.pack([], meta) for n in clients}
+        self.inflight[rnd] = (Exchange(self.grid, "train", contents, self.settings.round_timeout,
+                                       str(rnd)), clients)
+
+    def replies(self, rnd: int) -> ClientReplies:
+        exchange, clients = self.inflight.pop(rnd)
+        # greet while waiting: a node back after a crash is bound in time for the next round
+        replies, failed = exchange.collect(idle=lambda: self.roster.greet(self.grid, rnd - 1))
+        inbox, losses, nbytes, problems = {}, {}, {}, {}
+        for n, cid in clients.items():
+            try:
+                if n in failed:
+                    raise RejectedReply(failed[n])
+                inbox[cid], losses[cid] = accept_train(
+                    self.server, replies[n], cid, rnd, self.settings.batches_per_round,
+                    self.cfg.train.batch_size)
+                nbytes[cid] = sum(m.nbytes for m in inbox[cid])
+            except RejectedReply as err:
+                problems[cid] = str(err)
+                warn("round %d: node %s (client %s) left out of this round: %s", rnd, n, cid, err)
+        order = client_order(self.cfg, inbox)
+        return ClientReplies({c: inbox[c] for c in order}, {c: losses[c] for c in order},
+                             {c: nbytes[c] for c in order}, problems)
+
+
+class ServerKeeper:
+    """What the ServerApp keeps of each round (:class:`..rounds.Keeper`): a metrics line,
+    TensorBoard, and the server's state with its progress after every round."""
+
+    def __init__(self, server, settings: Settings, cfg, rounds: int, log, tracker,
+                 progress: dict):
+        self.server, self.settings, self.cfg, self.rounds = server, settings, cfg, rounds
+        self.log, self.tracker = log, tracker
+        self.saved = progress  # the progress saved with the server's state
+        self.line: dict = {}
+        self.started = time.perf_counter()
+
+    def record(self, rnd: int, replies: ClientReplies, server_losses: list) -> None:
+        losses = [x.item() for x in server_losses if x is not None]
+        self.line = {"round": rnd, "clients": list(replies.messages),
+                     "problems": replies.problems,
+                     "server_loss": sum(losses) / len(losses) if losses else None,
+                     "client_loss": replies.losses, "bytes": replies.nbytes,
+                     "seconds": time.perf_counter() - self.started}
+        self.log.write(json.dumps(self.line) + "\n")
+        self.log.flush()
+        track_round(self.tracker, self.server, self.line, self.rounds, self.cfg)
+
+    def checkpoint(self, rnd: int, final: bool) -> None:
+        self.saved = {"round": rnd, "rounds": self.rounds,
+                      "batches-per-round": self.settings.batches_per_round,
+                      "server-steps": self.server.steps}
+        save(self.server, self.saved, self.settings.run_dir)
+
+    def progress(self, rnd: int) -> None:
+        line = self.line
+        info("round %d/%d: %d/%d clients, server loss %s, %.1fs", rnd, self.rounds,
+             len(line["clients"]), len(line["clients"]) + len(line["problems"]),
+             line["server_loss"], line["seconds"])
+        self.started = time.perf_counter()
+
+
 def train(grid: Grid, context: Context) -> dict:
     from ...factory import make_server, total_rounds
     from ...tracking import Tracker
@@ -361,55 +423,12 @@ def train(grid: Grid, context: Context) -> dict:
     rounds = settings.rounds or total_rounds(cfg, list(roster.num_images.values()), K)
     info("clients %s on nodes %s; %d round(s) of %d batch(es)", roster.order,
          [roster.node_of[c] for c in roster.order], rounds, K)
-
-    def ask(rnd: int) -> tuple[Exchange, dict[int, str]]:
-        roster.greet(grid, rnd - 1)  # a node that (re)connected serves from this round on
-        clients = {roster.node_of[c]: c for c in roster.order}
-        meta = {"config-toml": cfg_text, "round": rnd, "batches": K, "code-digest": roster.digest}
-        contents = {n: transport.pack([], meta) for n in clients}
-        return Exchange(grid, "train", contents, settings.round_timeout, str(rnd)), clients
-
-    inflight = ask(progress["round"] + 1) if progress["round"] < rounds else None
     with open(settings.run_dir / METRICS, "a") as log, \
             Tracker.of_run(settings.run_dir, progress["round"]) as tracker:
-        while progress["round"] < rounds:
-            rnd = progress["round"] + 1
-            start = time.perf_counter()
-            exchange, clients = inflight
-            # greet while waiting: a node back after a crash is bound in time for the next round
-            replies, failed = exchange.collect(idle=lambda: roster.greet(grid, rnd - 1))
-            # pipelining: the nodes start round rnd+1 while the server trains on round rnd
-            inflight = ask(rnd + 1) if rnd < rounds else None
-            inbox, losses, nbytes, problems = {}, {}, {}, {}
-            for n, cid in clients.items():
-                try:
-                    if n in failed:
-                        raise RejectedReply(failed[n])
-                    inbox[cid], losses[cid] = accept_train(server, replies[n], cid, rnd, K,
-                                                           cfg.train.batch_size)
-                    nbytes[cid] = sum(m.nbytes for m in inbox[cid])
-                except RejectedReply as err:
-                    problems[cid] = str(err)
-                    warn("round %d: node %s (client %s) left out of this round: %s",
-                         rnd, n, cid, err)
-            answered = client_order(cfg, inbox)
-            server_losses = [server.train_step([inbox[c][k] for c in answered])
-                             for k in range(K)] if answered else []
-            progress = {"round": rnd, "rounds": rounds, "batches-per-round": K,
-                        "server-steps": server.steps}
-            save(server, progress, settings.run_dir)
-            server_losses = [x.item() for x in server_losses if x is not None]
-            line = {"round": rnd, "clients": answered, "problems": problems,
-                    "server_loss": (sum(server_losses) / len(server_losses)
-                                    if server_losses else None),
-                    "client_loss": losses, "bytes": nbytes,
-                    "seconds": time.perf_counter() - start}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-            track_round(tracker, server, line, rounds, cfg)
-            info("round %d/%d: %d/%d clients, server loss %s, %.1fs", rnd, rounds, len(answered),
-                 len(clients), line["server_loss"], line["seconds"])
-    return finish(grid, server, roster, cfg, settings, progress)
+        keeper = ServerKeeper(server, settings, cfg, rounds, log, tracker, progress)
+        run_rounds(server, NodeTransport(grid, roster, server, settings, cfg), keeper,
+                   progress["round"], rounds, K)
+    return finish(grid, server, roster, cfg, settings, keeper.saved)
 
 
 def track_round(tracker, server, line: dict, rounds: int, cfg) -> None:
