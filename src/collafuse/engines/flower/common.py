@@ -61,14 +61,12 @@ def config_from_text(text: str):
     """The run's config from the TOML text the server sends with every request."""
     from ...config import from_dict
 
-    return on_flower(from_dict(tomllib.loads(text), source="config sent by the server"))
+    return from_dict(tomllib.loads(text), source="config sent by the server")
 
 
-def on_flower(cfg):
-    """The config, unless it asks for what this engine does not carry: class-conditional
-    models (their labels and guidance are in-process only for now)."""
-    if cfg.model.condition != "none":
-        raise ValueError(f"model.condition = {cfg.model.condition!r}: class-conditional runs "
-                         "are in-process only (collafuse train / sample / sweep); the Flower "
-                         "engine does not carry labels yet")
-    return cfg
+def sample_labels(cfg, n: int):
+    """The classes of a hospital's ``n`` samples, as server and node both read them from the
+    run's config (sample.label, or every class in equal blocks); None if unconditional."""
+    from ..local import class_labels
+
+    return class_labels(cfg.model.classes, cfg.model.condition != "none", n, cfg.sample.label)
