@@ -149,13 +149,7 @@ def accept_sample(reply: Message, client_id: str, num_images: int) -> dict:
     """A sample reply: the names of the files in which the node stored ``num_images`` finished
     images, and their count. A path is refused: the server's records name clients and counts,
     never where a node keeps its files (docs/design.md section 7)."""
-    _, meta = read_reply(reply, "sample")
-    if meta["client-id"] != client_id:
-        raise RejectedReply(f"node of client {client_id} answers as client "
-                            f"{one_line(meta['client-id'], 40)}")
-    if meta["num-images"] != num_images:
-        raise RejectedReply(f"client {client_id}: stored {meta['num-images']} images, "
-                            f"asked for {num_images}")
+    meta = _counted_reply(reply, "sample", client_id, "num-images", num_images)
     for key in ("png", "npz"):
         if not _file_name(meta[key]):
             raise RejectedReply(f"client {client_id}: {key} {one_line(meta[key], 80)} is not a "
@@ -170,16 +164,22 @@ def _file_name(text: str) -> bool:
 def accept_evaluation(reply: Message, client_id: str, num_samples: int) -> dict[str, float | int]:
     """An evaluation reply: numbers only (no array: max_messages 0), exactly EVALUATION's keys,
     each figure finite and within FIGURE_BOUNDS, for ``num_samples`` samples."""
-    _, meta = read_reply(reply, "evaluate")
-    if meta["client-id"] != client_id:
-        raise RejectedReply(f"node of client {client_id} answers as client "
-                            f"{one_line(meta['client-id'], 40)}")
-    if meta["num-samples"] != num_samples:
-        raise RejectedReply(f"client {client_id}: evaluated {meta['num-samples']} samples, "
-                            f"asked for {num_samples}")
+    meta = _counted_reply(reply, "evaluate", client_id, "num-samples", num_samples)
     for figure in FIGURES:
         low, high = next(b for key, b in FIGURE_BOUNDS.items() if key in figure)
         if not low <= meta[figure] <= high:
             raise RejectedReply(f"client {client_id}: {figure} = {meta[figure]!r} outside "
                                 f"[{low:g}, {high:g}]")
     return {key: meta[key] for key in EVALUATION if key != "client-id"}
+
+
+def _counted_reply(reply: Message, kind: str, client_id: str, count_key: str, count: int) -> dict:
+    """The metadata of a reply of ``kind`` that is ``client_id``'s and holds ``count`` images."""
+    _, meta = read_reply(reply, kind)
+    if meta["client-id"] != client_id:
+        raise RejectedReply(f"node of client {client_id} answers as client "
+                            f"{one_line(meta['client-id'], 40)}")
+    if meta[count_key] != count:
+        raise RejectedReply(f"client {client_id}: {kind} reply for {meta[count_key]} images, "
+                            f"asked for {count}")
+    return meta
