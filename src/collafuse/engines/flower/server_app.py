@@ -53,6 +53,7 @@ RESULT = "flower-result.json"
 NODES = "flower-nodes.json"  # node id -> registered name and client served (`collafuse flower nodes`)
 IDENTITIES = ("registered-name", "node-report")
 TASKS = ("train", "sample", "evaluate")
+ACTIVITY = {"sample": "sampling", "evaluate": "evaluation"}  # what the log calls a query
 POLL = 0.1  # seconds between pulls of replies (Flower's own send_and_receive sleeps 3 s)
 
 
@@ -499,7 +500,7 @@ def ask_to_finish(grid: Grid, server, roster: Roster, cfg, settings: Settings, n
     meta = {"config-toml": roster.cfg_text, "seed": cfg.sample.seed, "code-digest": roster.digest}
     contents = {}
     for group in by_cut.values():
-        info("%s: generating %d hand-overs for %s", kind, n * len(group), group)
+        info("%s: generating %d hand-overs for %s", ACTIVITY[kind], n * len(group), group)
         labels, scale = None, 1.0
         if cfg.model.condition == "both":
             labels = torch.cat([sample_labels(cfg, n)] * len(group))
