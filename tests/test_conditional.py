@@ -174,9 +174,8 @@ def test_label_dropout_rate(two_classes):
     assert abs((dropped == 2).float().mean().item() - 0.25) < 0.015
 
 
-def test_run_folder_sample_command_and_flower_refusal(two_classes, tmp_path, capsys):
+def test_run_folder_and_sample_command(two_classes, tmp_path, capsys):
     from collafuse.cli import main
-    from collafuse.engines.flower.server_app import on_flower
 
     cfg = config(two_classes, "client", **{"train.steps": 4})
     run_training(cfg, tmp_path / "run", progress=False)
@@ -187,8 +186,6 @@ def test_run_folder_sample_command_and_flower_refusal(two_classes, tmp_path, cap
     assert main(["sample", str(tmp_path / "run"), "--label", "up"]) != 0
     assert "expected one of model.classes" in capsys.readouterr().err
     assert load_run(tmp_path / "run").cfg.model.condition == "client"
-    with pytest.raises(ValueError, match="in-process only"):
-        on_flower(cfg)
 
 
 def test_config_checks(two_classes):

@@ -33,6 +33,7 @@ path = "{ROOT}/data/lgg_flair_32.npz"
 intensity = "none"
 clients = {extra.get("clients", '["DU", "HT"]')}
 max_images_per_client = 16
+{extra.get("data", "min_images_per_client = 8")}
 [diffusion]
 num_timesteps = 20
 cut_ratio = 0.6
@@ -268,3 +269,140 @@ def test_node_bindings_are_recorded_for_the_operator(tmp_path, capsys):
     assert out[2].split()[:3] == ["11", "DU", "DU"] and out[3].split()[:3] == ["12", "HT", "-"]
     assert main(["flower", "nodes", str(tmp_path / "nowhere")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- federated evaluation
+def honest_evaluation(cid: str = "DU") -> dict:
+    from collafuse.evaluation.federated import FIGURES
+
+    return {"client-id": cid, "num-samples": 4, "num-train": 16, "num-holdout": 9,
+            **{f: 0.25 for f in FIGURES}}
+
+
+@pytest.mark.parametrize("attack", ["nan-kid", "extra-key", "huge-string", "samples", "bounds",
+                                    "missing"])
+def test_hostile_evaluation_reply_rejected_with_logged_reason(tmp_path, attack, caplog):
+    """evaluation_rows keeps the honest node's row and leaves the hostile one out, logging why
+    on one line; nothing of the hostile reply reaches the rows."""
+    from collafuse.engines.flower.server_app import evaluation_rows
+
+    cfg = load_config(tiny_config(tmp_path))
+    meta, samples = honest_evaluation("HT"), []
+    if attack == "nan-kid":
+        meta["kid_holdout"] = float("nan")
+    elif attack == "extra-key":
+        meta["images"] = "attached"
+    elif attack == "huge-string":
+        meta["client-id"] = "HT" + "x" * 10**6
+    elif attack == "samples":  # the finished samples themselves sent back
+        samples = [{"images": np.zeros((4, 1, 32, 32), np.float32)}]
+    elif attack == "bounds":
+        meta["samples_near_copies"] = 7.0
+    elif attack == "missing":
+        del meta["kid_train"]
+    replies = {1: reply([], honest_evaluation("DU"), "query.evaluate"),
+               2: reply(samples, meta, "query.evaluate")}
+    caplog.set_level("WARNING", logger="flwr")
+    rows = evaluation_rows(cfg, make_server(cfg), replies, {}, {1: "DU", 2: "HT"}, 4)
+    assert [r["client"] for r in rows] == ["DU"] and rows[0]["kid_holdout"] == 0.25
+    logged = [r.getMessage() for r in caplog.records if "client HT" in r.getMessage()]
+    assert len(logged) == 1 and "left out" in logged[0] and "\n" not in logged[0]
+    assert len(logged[0]) < 1000
+
+
+@pytest.mark.flower
+@pytest.mark.slow  # Inception on each node
+def test_federated_evaluation_on_the_simulation_engine(tmp_path):
+    """evaluate-n after training, then task='evaluate' on the saved run: every hospital's
+    numbers reach results.csv / report.md in the sweep's columns; its samples stay home."""
+    import csv
+
+    from collafuse.evaluation.federated import FIGURES
+
+    cfg_path = tiny_config(tmp_path, data="client_holdout_fraction = 0.3\nmin_images_per_client = 8",
+                           sections="[evaluation]\nmax_real_images = 8\nkid_subsets = 10\n")
+    run_dir = tmp_path / "run"
+    settings = {"config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 2,
+                "sim-clients": "DU,HT", "identity": "node-report"}
+    with Deployment(tmp_path / "dep", ROOT) as dep:
+        dep.start_superlink(simulation=True)
+        trained = dep.run({**settings, "task": "train", "evaluate-n": 4},
+                          federation_config={"num-supernodes": 2}, timeout=400)
+        assert trained.returncode == 0 and (run_dir / "results.csv").is_file(), trained.stdout
+        first = (run_dir / "results.csv").read_text()
+        again = dep.run({**settings, "task": "evaluate", "evaluate-n": 4},
+                        federation_config={"num-supernodes": 2}, timeout=400)
+        assert again.returncode == 0, again.stdout
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["client"] for r in rows] == ["DU", "HT"]
+    assert set(FIGURES) <= set(rows[0]) and all(float(r["kid_holdout"]) == float(r["kid_holdout"])
+                                                  for r in rows)
+    assert first == (run_dir / "results.csv").read_text()  # same server, seed and nodes
+    report = (run_dir / "report.md").read_text()
+    assert "| DU |" in report and "| HT |" in report
+    result = json.loads((run_dir / "flower-result.json").read_text())
+    assert result["evaluated"] == {"DU": 4, "HT": 4}
+    assert not list(run_dir.glob("*.npz")) and not list(run_dir.glob("*.png"))
+    assert "evaluation: 2/2 clients evaluated" in again.stdout
+
+
+# ----------------------------------------------------------------------- conditional runs
+def two_class_config(tmp: Path, condition: str) -> Path:
+    """Two hospitals, two classes (bright left or right half), 8x8; model.condition given."""
+    rng = np.random.default_rng(0)
+    x = np.full((96, 8, 8), 30.0)
+    x[:, :, :4] = 220.0
+    x[48:] = x[48:, :, ::-1]
+    label = np.array(["left"] * 48 + ["right"] * 48)
+    site = np.array((["S1"] * 24 + ["S2"] * 24) * 2)
+    images = np.clip(x + rng.normal(0, 12, x.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp / "two.npz", images=images, site=site, label=label)
+    path = tmp / "two.toml"
+    path.write_text(f'''
+[data]
+path = "{tmp / "two.npz"}"
+image_size = 8
+clients = ["S1", "S2"]
+holdout_sites = []
+min_images_per_client = 8
+[diffusion]
+num_timesteps = 20
+cut_ratio = 0.5
+[model]
+preset = "tiny"
+condition = "{condition}"
+classes = ["left", "right"]
+[train]
+batch_size = 8
+steps = 2
+batches_per_round = 1
+[sample]
+num_samples = 4
+guidance_scale = 2.0
+''')
+    return path
+
+
+@pytest.mark.flower
+@pytest.mark.parametrize("condition", ["both", "client"])
+def test_conditional_run_on_the_simulation_engine(tmp_path, condition):
+    """Labels travel as in-process (the same models), and with "client" none leaves a node:
+    the replies each node sent (kept in its state to answer a repeated round) hold no labels."""
+    cfg_path = two_class_config(tmp_path, condition)
+    local = run_training(load_config(cfg_path), tmp_path / "local", progress=False)
+    run_dir = tmp_path / "run"
+    with Deployment(tmp_path / "dep", ROOT) as dep:
+        dep.start_superlink(simulation=True)
+        res = dep.run({"task": "train", "config": str(cfg_path), "run-dir": str(run_dir),
+                       "min-nodes": 2, "sim-clients": "S1,S2", "identity": "node-report",
+                       "sample-n": 4}, federation_config={"num-supernodes": 2}, timeout=300)
+    assert res.returncode == 0, res.stdout
+    server = torch.load(run_dir / "server.pt", weights_only=True)
+    assert_same_models(local.server.model.state_dict(), server["server"]["model"])
+    for cid, client in local.clients.items():
+        state = torch.load(run_dir / "sim-nodes" / cid / "client.pt", weights_only=True)
+        assert_same_models(client.model.state_dict(), state["client"]["model"])
+        sent = [m for reply in state["replies"].values() for m in reply]
+        assert sent and all(("labels" in m) == (condition == "both") for m in sent)
+        samples = np.load(run_dir / "sim-nodes" / cid / "samples" / f"{cid}.npz")
+        assert samples["labels"].tolist() == ["left", "left", "right", "right"]

@@ -146,3 +146,84 @@ print(sorted(m for m in ("torch", "diffusers") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.fixture
+def patient_folder(tmp_path):
+    """A hospital's image folder of 4 patients (one folder each) of 10 images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for p in range(4):
+        (tmp_path / "scans" / f"P{p}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+                tmp_path / "scans" / f"P{p}" / f"{i}.png")
+    return tmp_path / "scans"
+
+
+def test_node_reads_its_data_as_the_factory_does(tmp_path, patient_folder):
+    """data.layout reaches the node (patients held out whole need the patient level), and the
+    node's training and held-out images are the factory's."""
+    from collafuse.factory import load_node_data
+
+    cfg = load_config(tiny_config(tmp_path, data='layout = "patient"\nclient_holdout_fraction = 0.25\nmin_images_per_client = 8'))
+    nc = {"client-id": "DU", "data-path": str(patient_folder), "state-dir": str(tmp_path / "state")}
+    assert call(nc, request("query.hello", cfg, round=0))["num-images"] == 16  # capped
+    train, held = load_node_data(cfg, "DU", patient_folder)
+    cached = np.load(tmp_path / "state" / "images.npz"), np.load(tmp_path / "state" / "holdout.npz")
+    assert np.array_equal(cached[0]["images"], train.images)
+    assert np.array_equal(cached[1]["images"], held.images) and len(held) == 10
+    assert not set(cached[0]["patient"]) & set(cached[1]["patient"])
+
+
+def test_node_applies_the_minimum_to_its_own_data(tmp_path, patient_folder):
+    from collafuse.data import DataError
+
+    cfg = load_config(tiny_config(tmp_path, data='min_images_per_client = 64'))
+    nc = {"client-id": "DU", "data-path": str(patient_folder), "state-dir": str(tmp_path / "state")}
+    with pytest.raises(DataError, match="client DU has 40 training images, fewer than the minimum "
+                                        "of 64: give node DU more images"):
+        call(nc, request("query.hello", cfg, round=0))
+
+
+def evaluate_request(cfg, n: int = 4) -> Message:
+    """A query.evaluate request carrying the server's n hand-overs for DU."""
+    from collafuse.factory import make_server
+    from collafuse.messages import SampleRequest, encode
+
+    partial = make_server(cfg).generate(SampleRequest(client_id="DU", num_samples=n, seed=0))
+    msg = request("query.evaluate", cfg, seed=0)
+    return Message(content=transport.pack([encode(partial)], transport.unpack(msg.content)[1]),
+                   metadata=msg.metadata)
+
+
+EVALUATION_SECTION = "[evaluation]\nmax_real_images = 8\nkid_subsets = 10\n"  # Inception on few
+
+
+@pytest.mark.slow  # Inception on 20 images
+def test_evaluation_reply_is_numbers_only_and_passes_the_server_check(tmp_path):
+    from collafuse.engines.flower.replies import EVALUATION, accept_evaluation
+    from test_flower import reply
+
+    cfg = load_config(tiny_config(tmp_path, data="client_holdout_fraction = 0.3\n"
+                                                 "min_images_per_client = 8",
+                                  sections=EVALUATION_SECTION))
+    nc = {"client-id": "DU", "data-path": "partition", "state-dir": str(tmp_path / "state")}
+    ctx = Context(run_id=1, node_id=5, node_config=nc, state=RecordDict(),
+                  run_config={"sim-clients": "DU"})
+    answer = client_app.app(message=evaluate_request(cfg), context=ctx).content
+    arrays, meta = transport.unpack(answer)
+    assert arrays == [] and set(meta) == set(EVALUATION)  # no image-shaped array, no other key
+    assert all(isinstance(v, (int, float, str)) for v in meta.values())
+    assert meta["num-samples"] == 4 and meta["num-holdout"] >= 2
+    figures = accept_evaluation(reply([], meta, "query.evaluate"), "DU", 4)
+    assert figures["kid_holdout_ci_low"] <= figures["kid_holdout"] <= figures["kid_holdout_ci_high"]
+    assert 0 <= figures["samples_near_copies"] <= 1
+
+
+def test_evaluation_policy_refuses(node):
+    nc, cfg = node
+    refused = call({**nc, "serve-evaluation": "no"}, evaluate_request(cfg))
+    assert refused["refused"] == "this node does not serve evaluation requests"
+    assert refused["arrays"] == []

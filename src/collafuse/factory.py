@@ -44,24 +44,51 @@ class RunData:
 
 def load_client_data(cfg: Config) -> RunData:
     d = cfg.data
-    images = load_images(d.path, image_size=d.image_size, channels=d.channels, layout=d.layout)
-    images.images = normalise_intensity(images.images, d.intensity)
+    images = read_images(cfg, d.path)
     train, holdout = split_holdout(images, holdout_sites=d.holdout_sites or None,
                                    holdout_fraction=d.holdout_fraction, seed=cfg.run.seed)
     clients = d.clients if d.partition in ("site", "label") else d.num_clients
     parts = partition(train, by=d.partition, clients=clients, seed=cfg.run.seed,
                       alpha=d.dirichlet_alpha, dirichlet_by=d.dirichlet_by,
                       min_images=_min_train_images(cfg))
+    parts, own_holdout = _client_sets(cfg, parts, _min_images_fix(cfg))
+    return RunData(parts, holdout, own_holdout)
+
+
+def load_node_data(cfg: Config, client_id: str, path: str | Path) -> tuple[ImageSet, ImageSet]:
+    """One hospital's (training images, own held-out patients) from its own data ``path`` (a
+    Flower node's data-path), treated exactly as :func:`load_client_data` treats a client's
+    partition of data.path."""
+    fix = (f"give node {client_id} more images (its data-path), a smaller "
+           "data.client_holdout_fraction, or lower data.min_images_per_client")
+    parts, own = _client_sets(cfg, {client_id: read_images(cfg, path)}, fix)
+    return parts[client_id], own[client_id]
+
+
+def read_images(cfg: Config, path: str | Path) -> ImageSet:
+    """The images of ``path`` at the run's size, channels, folder layout and intensity."""
+    d = cfg.data
+    images = load_images(path, image_size=d.image_size, channels=d.channels, layout=d.layout)
+    images.images = normalise_intensity(images.images, d.intensity)
+    return images
+
+
+def _client_sets(cfg: Config, parts: dict[str, ImageSet],
+                 fix: str) -> tuple[dict[str, ImageSet], dict[str, ImageSet]]:
+    """Each client's (training images, own held-out patients): data.client_holdout_fraction of
+    its patients held out, at least data.min_images_per_client left (else a DataError with
+    ``fix``), at most data.max_images_per_client kept."""
+    d = cfg.data
     own_holdout = {name: part.subset([]) for name, part in parts.items()}
     if d.client_holdout_fraction:
         for name, part in parts.items():
             parts[name], own_holdout[name] = split_holdout(
                 part, holdout_fraction=d.client_holdout_fraction, seed=cfg.run.seed)
-    require_min_images(parts, d.min_images_per_client, _min_images_fix(cfg))
+    require_min_images(parts, d.min_images_per_client, fix)
     if d.max_images_per_client:
         parts = {name: part.subset(range(min(len(part), d.max_images_per_client)))
                  for name, part in parts.items()}
-    return RunData(parts, holdout, own_holdout)
+    return parts, own_holdout
 
 
 def _min_train_images(cfg: Config) -> int:

@@ -1,9 +1,10 @@
 """The in-process engine: carries messages between parties that live in one Python process.
 
-One round: every client diffuses K batches, trains on its own timesteps and returns its
-server-bound messages; then the server takes one step per batch index on the union of the
-clients' messages of that index (clients in config order). The Flower engine keeps exactly
-this order, so both produce the same models under the same seed.
+One round (:func:`.rounds.run_rounds`, the order both engines share): every client diffuses K
+batches, trains on its own timesteps and returns its server-bound messages; then the server
+takes one step per batch index on the union of the clients' messages of that index (clients
+in config order). :class:`Run` is the in-process transport, :class:`RunKeeper` what this
+engine keeps of a round.
 
 A run folder (docs/design.md section 5) holds the resolved config, one checkpoint written
 atomically every ``train.checkpoint_every`` rounds, the metrics log, TensorBoard events
@@ -29,6 +30,7 @@ from ..factory import client_secret, load_client_data, make_client, make_server,
 from ..metering import SERVER, WallMeter, client_party, totals
 from ..state import StateError, atomic_path, load_state, save_npz, save_state, write_text
 from ..tracking import Tracker
+from .rounds import ClientReplies, run_rounds, server_step
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -69,22 +71,34 @@ class Run:
         self.round = 0
         self.round_bytes: dict[str, int] = {}  # what each client sent the server last round
 
+    def request(self, rnd: int) -> None:
+        """In-process clients need no asking: they train when their replies are collected."""
+
+    def replies(self, rnd: int) -> ClientReplies:
+        """The client steps of a round (:class:`.rounds.Transport`), every message counted."""
+        messages, nbytes = {}, {}
+        for cid, client in self.clients.items():
+            messages[cid] = client.train_round(self.cfg.train.batches_per_round)
+            nbytes[cid] = sum(m.nbytes for m in messages[cid])
+            self._count(client.name, SERVER, nbytes[cid], "training")
+        return ClientReplies(messages, {cid: c.loss for cid, c in self.clients.items()}, nbytes)
+
     def train_round(self) -> dict:
         """One round; returns its metrics line with the losses still on the device (0-d
         tensors): :func:`read_losses` turns lines into floats, waiting for the device once."""
-        outbox: dict[str, list] = {}
-        self.round_bytes = {}
-        for cid, client in self.clients.items():
-            outbox[cid] = client.train_round(self.cfg.train.batches_per_round)
-            self.round_bytes[client.name] = sum(m.nbytes for m in outbox[cid])
-            self._count(client.name, SERVER, self.round_bytes[client.name], "training")
-        server_losses = [self.server.train_step([outbox[cid][k] for cid in self.clients])
-                         for k in range(self.cfg.train.batches_per_round)]
-        self.round += 1
+        rnd = self.round + 1
+        replies = self.replies(rnd)
+        return self.finish_round(rnd, replies, server_step(self.server, replies,
+                                                           self.cfg.train.batches_per_round))
+
+    def finish_round(self, rnd: int, replies: ClientReplies, server_losses: list) -> dict:
+        """Mark round ``rnd`` done; its metrics line (losses as 0-d tensors)."""
+        self.round = rnd
+        self.round_bytes = {client_party(cid): n for cid, n in replies.nbytes.items()}
         return {
-            "round": self.round,
+            "round": rnd,
             "server_loss": [x for x in server_losses if x is not None],
-            **{f"client_loss/{cid}": c.loss for cid, c in self.clients.items()},
+            **{f"client_loss/{cid}": loss for cid, loss in replies.losses.items()},
         }
 
     def party_losses(self, line: dict) -> dict[str, float | None]:
@@ -188,42 +202,65 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False,
         truncate_metrics(run_dir / METRICS, run.round)
     else:
         write_text(run_dir / "config.toml", cfg.to_toml())
-    with Tracker.of_run(run_dir, run.round) as tracker:
-        with tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
-                  disable=not progress, unit="round") as bar, \
-                open(run_dir / METRICS, "a") as log:
-            pending: list[dict] = []  # lines whose losses have not been read from the device yet
-            while run.round < run.rounds:
-                pending.append(run.train_round())
-                tracker.scalars("lr", run.learning_rates(), run.round)
-                tracker.scalars("bytes", run.round_bytes, run.round)
-                bar.update(1)
-                if on_round is not None:
-                    on_round(run.round)
-                last = run.round == run.rounds or run.round == stop_after_round
-                checkpoint = last or run.round % cfg.train.checkpoint_every == 0
-                if checkpoint or run.round % cfg.train.log_every == 0:
-                    lines = read_losses(pending)
-                    pending.clear()
-                    log.writelines(json.dumps(line) + "\n" for line in lines)
-                    for line in lines:
-                        tracker.scalars("loss", run.party_losses(line), line["round"])
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in lines[-1].items()
-                                     if k != "round" and v is not None}, refresh=False)
-                if checkpoint:
-                    log.flush()
-                    save_state(run.state_dict(), run_dir / CHECKPOINT)
-                # every sample_every rounds; the last round's grid is the final samples'
-                if cfg.train.sample_every and run.round % cfg.train.sample_every == 0 \
-                        and run.round < run.rounds:
-                    track_samples(run, tracker)
-                if run.round == stop_after_round:
-                    return run
+    with Tracker.of_run(run_dir, run.round) as tracker, \
+            tqdm(total=run.rounds, initial=run.round, desc=f"train c={cfg.diffusion.cut_ratio}",
+                 disable=not progress, unit="round") as bar, \
+            open(run_dir / METRICS, "a") as log:
+        keeper = RunKeeper(run, run_dir, tracker, bar, log, on_round)
+        until = run.rounds if stop_after_round is None else min(run.rounds, stop_after_round)
+        run_rounds(run.server, run, keeper, run.round, until, cfg.train.batches_per_round)
+        if run.round < run.rounds:
+            return run
         for cid, path in write_samples(run, run_dir).items():
             with np.load(path.with_suffix(".npz")) as saved:
                 tracker.grid(f"samples/{cid}", saved["images"], run.round)
     write_summary(run, run_dir)
     return run
+
+
+class RunKeeper:
+    """What the in-process engine keeps of each round (:class:`.rounds.Keeper`): metrics lines
+    every train.log_every rounds (the losses are read from the device then, once), TensorBoard,
+    a checkpoint every train.checkpoint_every, sample grids every train.sample_every."""
+
+    def __init__(self, run: Run, run_dir: Path, tracker: Tracker, bar, log, on_round=None):
+        self.run, self.run_dir, self.tracker, self.bar, self.log = run, run_dir, tracker, bar, log
+        self.on_round = on_round
+        self.pending: list[dict] = []  # lines whose losses have not been read from the device
+
+    def record(self, rnd: int, replies: ClientReplies, server_losses: list) -> None:
+        run = self.run
+        self.pending.append(run.finish_round(rnd, replies, server_losses))
+        self.tracker.scalars("lr", run.learning_rates(), rnd)
+        self.tracker.scalars("bytes", run.round_bytes, rnd)
+        if rnd % run.cfg.train.log_every == 0:
+            self._write_lines()
+
+    def checkpoint(self, rnd: int, final: bool) -> None:
+        if final or rnd % self.run.cfg.train.checkpoint_every == 0:
+            self._write_lines()
+            self.log.flush()
+            save_state(self.run.state_dict(), self.run_dir / CHECKPOINT)
+
+    def progress(self, rnd: int) -> None:
+        self.bar.update(1)
+        if self.on_round is not None:
+            self.on_round(rnd)
+        # every sample_every rounds; the last round's grid is the final samples'
+        every = self.run.cfg.train.sample_every
+        if every and rnd % every == 0 and rnd < self.run.rounds:
+            track_samples(self.run, self.tracker)
+
+    def _write_lines(self) -> None:
+        if not self.pending:
+            return
+        lines = read_losses(self.pending)
+        self.pending.clear()
+        self.log.writelines(json.dumps(line) + "\n" for line in lines)
+        for line in lines:
+            self.tracker.scalars("loss", self.run.party_losses(line), line["round"])
+        self.bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in lines[-1].items()
+                              if k != "round" and v is not None}, refresh=False)
 
 
 def track_samples(run: Run, tracker: Tracker) -> None:

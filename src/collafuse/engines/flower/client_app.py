@@ -11,8 +11,10 @@ needs on its own disk, in its ``state-dir``:
   refused.
 - ``<client-id>.key``: the client's secret, made from os.urandom on first use; it seeds the
   noisy-data view noise and never leaves the node.
-- ``images.npz`` / ``images.json``: the node's training images as the run uses them, cached
-  so that a message does not re-read the source data.
+- ``images.npz`` / ``holdout.npz`` / ``images.json``: the node's training images and its own
+  held-out patients as the factory makes them (``load_node_data``: the run's size, layout,
+  intensity, data.client_holdout_fraction, data.min_images_per_client), cached so that a
+  message does not re-read the source data.
 
 Message types handled (each checks the request and the node's policy before anything else):
 
@@ -22,12 +24,16 @@ Message types handled (each checks the request and the node's policy before anyt
   the K encoded messages and the client's loss.
 - ``query.sample``: the server's ``PartialSamples`` -> ``Client.finish_samples`` -> PNG grid
   and npz under ``out-dir`` on the node's disk; only the file names and the count go back.
+- ``query.evaluate``: the same finishing, then the samples are evaluated here against the
+  node's own training images and held-out patients (KID, copies; Inception features cached in
+  ``state-dir/inception``); only the numbers go back, no image.
 
 ``node_config`` (``flower-supernode --node-config``, docs/deployment.md): ``client-id``,
 ``data-path``, ``state-dir``, optional ``out-dir`` and ``device``, and the hospital's policy:
 ``allow-protocols`` (comma-separated; default both), ``min-cut-ratio`` (default 0),
-``max-images-per-round`` (K x batch size; default 0 = no limit), ``serve-sampling`` (default
-true), ``code-sha256`` (run only this CollaFuse code; default: no pin). A request outside the
+``max-images-per-round`` (K x batch size; default 0 = no limit), ``serve-sampling`` and
+``serve-evaluation`` (default true), ``code-sha256`` (run only this CollaFuse code; default:
+no pin). A request outside the
 policy gets a refusal (``refused``: the reason), not data. In the simulation engine nodes have
 only ``partition-id``; the run config's ``sim-clients`` (comma-separated ids, in order) then
 names the client, its images are its partition of ``cfg.data.path`` exactly as the in-process
@@ -43,19 +49,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from . import transport
 from ...choices import PROTOCOLS
 from ...state import write_text
-from .common import code_digest, info, node_setting
+from .common import code_digest, config_from_text, info, node_setting, sample_labels
 
 app = ClientApp()
 
 STATE_FILE = "client.pt"
 CONFIG_FILE = "config.toml"
-IMAGES_CACHE, IMAGES_KEY = "images.npz", "images.json"
+IMAGES_CACHE, HOLDOUT_CACHE, IMAGES_KEY = "images.npz", "holdout.npz", "images.json"
 KEEP_REPLIES = 2  # a pipelining server may re-ask the round before the last after a crash
 MAX_SAMPLE_IMAGES = 4096
 MAX_SAMPLE_BYTES = 2**30  # one hand-over array
@@ -65,6 +73,7 @@ REQUESTS = {
     "query.hello": {"config-toml": str, "round": int, "code-digest": str},
     "train": {"config-toml": str, "round": int, "batches": int, "code-digest": str},
     "query.sample": {"config-toml": str, "seed": int, "code-digest": str},
+    "query.evaluate": {"config-toml": str, "seed": int, "code-digest": str},
 }
 
 
@@ -84,6 +93,7 @@ class Policy:
     min_cut_ratio: float = 0.0
     max_images_per_round: int = 0
     serve_sampling: bool = True
+    serve_evaluation: bool = True
     code_sha256: str = ""
 
     @classmethod
@@ -96,11 +106,13 @@ class Policy:
                              f"{PROTOCOLS}")
         return cls(protocols, float(nc.get("min-cut-ratio", 0.0)),
                    int(nc.get("max-images-per-round", 0)),
-                   _truthy(nc.get("serve-sampling", True)), str(nc.get("code-sha256", "")))
+                   _truthy(nc.get("serve-sampling", True)),
+                   _truthy(nc.get("serve-evaluation", True)), str(nc.get("code-sha256", "")))
 
     def refusal(self, cfg, client_id: str, server_digest: str, batches: int = 0,
-                sampling: bool = False) -> str | None:
-        """Why this node declines the request (None: it accepts)."""
+                serve: str = "") -> str | None:
+        """Why this node declines the request (None: it accepts); ``serve``: "sampling" or
+        "evaluation" for those requests."""
         own = code_digest()
         if self.code_sha256 and own != self.code_sha256:
             return f"this node's CollaFuse code is {own[:12]}, its policy pins {self.code_sha256[:12]}"
@@ -115,8 +127,8 @@ class Policy:
         images = batches * cfg.train.batch_size
         if self.max_images_per_round and images > self.max_images_per_round:
             return f"{images} images per round asked, this node allows {self.max_images_per_round}"
-        if sampling and not self.serve_sampling:
-            return "this node does not serve sampling requests"
+        if serve and not getattr(self, f"serve_{serve}"):
+            return f"this node does not serve {serve} requests"
         return None
 
 
@@ -158,8 +170,6 @@ class Node:
 
 def _request(msg: Message, max_count: int = 0, max_array_bytes: int = 4096):
     """The request's (arrays, metadata, config), checked: exactly the expected keys and types."""
-    from .server_app import config_from_text
-
     schema = REQUESTS[msg.metadata.message_type]
     try:
         arrays, meta = transport.unpack(msg.content, max_count, max_array_bytes)
@@ -207,37 +217,35 @@ def _cache_index(node: Node, key: str) -> dict | None:
 def _num_images(cfg, node: Node) -> int:
     """The image count, from the cache's index when it is current (no torch import)."""
     index = _cache_index(node, _source_key(cfg, node))
-    return int(index["num-images"]) if index else len(_images(cfg, node))
+    return int(index["num-images"]) if index else len(_node_data(cfg, node)[0])
 
 
-def _images(cfg, node: Node):
-    """The node's training images exactly as the in-process engine would give them, from the
-    node's cache when current, else made from the source and cached."""
-    from ...data import load_images, normalise_intensity, save_images, split_holdout
+def _node_data(cfg, node: Node):
+    """The node's (training images, own held-out patients) as the factory makes them (its
+    data-path, or its partition of data.path in the simulation engine), from the node's cache
+    when current, else made and cached."""
+    from ...data import load_images, save_images
 
-    key, cache = _source_key(cfg, node), node.state_dir / IMAGES_CACHE
-    if _cache_index(node, key):
-        return load_images(cache)
+    key = _source_key(cfg, node)
+    train_file, held_file = node.state_dir / IMAGES_CACHE, node.state_dir / HOLDOUT_CACHE
+    if _cache_index(node, key) and held_file.is_file():
+        return load_images(train_file), load_images(held_file)
     if node.data_path is None:
         from ...factory import load_client_data
 
-        parts = load_client_data(cfg).clients
-        if node.client_id not in parts:
+        data = load_client_data(cfg)
+        if node.client_id not in data.clients:
             raise ValueError(f"client {node.client_id!r} is not a partition of {cfg.data.path} "
-                             f"(have {sorted(parts)})")
-        images = parts[node.client_id]
+                             f"(have {sorted(data.clients)})")
+        train, held = data.clients[node.client_id], data.client_holdout[node.client_id]
     else:
-        images = load_images(node.data_path, image_size=cfg.data.image_size,
-                             channels=cfg.data.channels)
-        images.images = normalise_intensity(images.images, cfg.data.intensity)
-        if cfg.data.client_holdout_fraction:
-            images, _ = split_holdout(images, holdout_fraction=cfg.data.client_holdout_fraction,
-                                      seed=cfg.run.seed)
-        if cfg.data.max_images_per_client:
-            images = images.subset(range(min(len(images), cfg.data.max_images_per_client)))
-    save_images(images, cache)
-    write_text(node.state_dir / IMAGES_KEY, json.dumps({"key": key, "num-images": len(images)}))
-    return images
+        from ...factory import load_node_data
+
+        train, held = load_node_data(cfg, node.client_id, node.data_path)
+    save_images(train, train_file)
+    save_images(held, held_file)
+    write_text(node.state_dir / IMAGES_KEY, json.dumps({"key": key, "num-images": len(train)}))
+    return train, held
 
 
 def _client(cfg, node: Node, context: Context):
@@ -248,7 +256,7 @@ def _client(cfg, node: Node, context: Context):
     enlarge_cpu_kernel_cache()  # before any convolution runs, as the collafuse command does
     # the secret stays on this node's disk; the server never sees it or anything it is made from
     device = str(context.node_config.get("device") or "auto")  # the node's choice, not the server's
-    return make_client(cfg, node.client_id, _images(cfg, node),
+    return make_client(cfg, node.client_id, _node_data(cfg, node)[0],
                        client_secret(node.state_dir, node.client_id), device=device)
 
 
@@ -327,26 +335,62 @@ def _train_reply(msg: Message, node: Node, rnd: int, encoded: list, loss: float)
 
 @app.query("sample")
 def sample(msg: Message, context: Context) -> Message:
-    from ...messages import PartialSamples, decode
-    from ...state import load_state
     from ..local import save_samples
 
     node = Node.of(context)
     arrays, meta, cfg = _request(msg, 1, MAX_SAMPLE_BYTES)
-    if reason := node.policy.refusal(cfg, node.client_id, meta["code-digest"], sampling=True):
+    if reason := node.policy.refusal(cfg, node.client_id, meta["code-digest"], serve="sampling"):
         return node.refuse(msg, reason)
-    _record_config(node, meta["config-toml"])
-    partial = decode(arrays[0]) if len(arrays) == 1 else None
-    if not isinstance(partial, PartialSamples) or partial.batch_size > MAX_SAMPLE_IMAGES:
-        raise RequestError(f"sample request: expected one partial-samples message of at most "
-                           f"{MAX_SAMPLE_IMAGES} images")
-    client = _client(cfg, node, context)
-    if (node.state_dir / STATE_FILE).is_file():
-        client.load_state_dict(load_state(node.state_dir / STATE_FILE)["client"])
-    images = client.finish_samples(partial, meta["seed"]).cpu()
-    png, npz = save_samples(node.out_dir, node.client_id, images, partial.x)
+    images, partial = _finish_samples(msg, arrays, node, cfg, meta, context)
+    labels = sample_labels(cfg, len(images))
+    names = None if labels is None else np.array(cfg.model.classes)[labels.numpy()]
+    png, npz = save_samples(node.out_dir, node.client_id, images, partial.x, names)
     info("sample: client %s wrote %d images to %s", node.client_id, len(images), node.out_dir)
     # file names only: where the node keeps its files is none of the server's business
     return Message(content=transport.pack([], {"client-id": node.client_id, "png": png.name,
                                                "npz": npz.name, "num-images": len(images)}),
                    reply_to=msg)
+
+
+@app.query("evaluate")
+def evaluate(msg: Message, context: Context) -> Message:
+    """Finish the server's hand-overs and evaluate them here, against this hospital's own
+    images (:func:`collafuse.evaluation.federated.evaluate_on_node`); numbers only go back."""
+    from ...evaluation.federated import evaluate_on_node
+
+    node = Node.of(context)
+    arrays, meta, cfg = _request(msg, 1, MAX_SAMPLE_BYTES)
+    if reason := node.policy.refusal(cfg, node.client_id, meta["code-digest"], serve="evaluation"):
+        return node.refuse(msg, reason)
+    images, partial = _finish_samples(msg, arrays, node, cfg, meta, context)
+    train, held = _node_data(cfg, node)
+    figures = evaluate_on_node(images, partial.x.cpu(), train, held, cfg.evaluation,
+                               meta["seed"], node.state_dir / "inception",
+                               str(context.node_config.get("device") or "cpu"))
+    info("evaluate: client %s, %d samples: KID hold-out %.4f, train %.4f", node.client_id,
+         len(images), figures["kid_holdout"], figures["kid_train"])
+    return Message(content=transport.pack([], {
+        "client-id": node.client_id, "num-samples": len(images), "num-train": len(train),
+        "num-holdout": len(held), **figures}), reply_to=msg)
+
+
+def _finish_samples(msg: Message, arrays: list, node: Node, cfg, meta: dict, context: Context):
+    """(finished images on the host, the server's PartialSamples) of a sample or evaluate
+    request, with this node's latest trained client; a conditional run's samples of the
+    classes the config names (:func:`.common.sample_labels`), guided at sample.guidance_scale
+    on this node's steps."""
+    from ...messages import PartialSamples, decode
+    from ...state import load_state
+
+    _record_config(node, meta["config-toml"])
+    partial = decode(arrays[0]) if len(arrays) == 1 else None
+    if not isinstance(partial, PartialSamples) or partial.batch_size > MAX_SAMPLE_IMAGES:
+        raise RequestError(f"{msg.metadata.message_type} request: expected one partial-samples "
+                           f"message of at most {MAX_SAMPLE_IMAGES} images")
+    client = _client(cfg, node, context)
+    if (node.state_dir / STATE_FILE).is_file():
+        client.load_state_dict(load_state(node.state_dir / STATE_FILE)["client"])
+    labels = sample_labels(cfg, partial.batch_size)
+    images = client.finish_samples(partial, meta["seed"], labels=labels,
+                                   guidance_scale=cfg.sample.guidance_scale)
+    return images.cpu(), partial

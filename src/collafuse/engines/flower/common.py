@@ -1,10 +1,12 @@
-"""Small helpers shared by the CollaFuse ServerApp and ClientApp (no CollaFuse logic)."""
+"""Small helpers shared by the CollaFuse ServerApp and ClientApp: logging, the code digest, the
+run's config as the server sends it, node settings."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import tomllib
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -53,3 +55,18 @@ def node_setting(node_config: dict[str, Any], key: str, default: Any = None) -> 
             f"--node-config \"{key}='...'\" (got keys {sorted(node_config)})"
         )
     return default
+
+
+def config_from_text(text: str):
+    """The run's config from the TOML text the server sends with every request."""
+    from ...config import from_dict
+
+    return from_dict(tomllib.loads(text), source="config sent by the server")
+
+
+def sample_labels(cfg, n: int):
+    """The classes of a hospital's ``n`` samples, as server and node both read them from the
+    run's config (sample.label, or every class in equal blocks); None if unconditional."""
+    from ..local import class_labels
+
+    return class_labels(cfg.model.classes, cfg.model.condition != "none", n, cfg.sample.label)

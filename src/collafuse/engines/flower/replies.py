@@ -3,7 +3,8 @@
 A reply is hostile until checked. :func:`read_reply` turns a Flower reply into (arrays,
 metadata) or raises :class:`RejectedReply` with a one-line reason, whatever the reply holds
 (an error, a foreign record layout, extra or missing keys, wrong types, NaN, oversized arrays);
-:func:`accept_hello`, :func:`accept_train` and :func:`accept_sample` add what each kind must
+:func:`accept_hello`, :func:`accept_train`, :func:`accept_sample` and
+:func:`accept_evaluation` add what each kind must
 satisfy (the client the node is bound to, the round asked, the count, the CollaFuse messages as
 the Server checks them). No exception of any other type leaves these functions, so a reply can
 cost a node its contribution to a round, never the run.
@@ -19,14 +20,20 @@ from typing import Any
 
 from flwr.app import Message
 
+from ...evaluation.federated import FIGURES
 from . import transport
 
 # what each reply's metadata holds, exactly (no other key is accepted)
 HELLO = {"client-id": str, "num-images": int, "round": int, "code-digest": str}
 TRAIN = {"client-id": str, "round": int, "client-loss": float}
 SAMPLE = {"client-id": str, "num-images": int, "png": str, "npz": str}
+EVALUATION = {"client-id": str, "num-samples": int, "num-train": int, "num-holdout": int,
+              **{figure: float for figure in FIGURES}}
 REFUSAL = {"client-id": str, "refused": str}
-SCHEMAS = {"hello": HELLO, "train": TRAIN, "sample": SAMPLE}
+SCHEMAS = {"hello": HELLO, "train": TRAIN, "sample": SAMPLE, "evaluate": EVALUATION}
+# what a figure can be (wider than any honest value): KID of Inception features, fractions,
+# mean squared distances of images in [-1, 1]
+FIGURE_BOUNDS = {"kid": (-10.0, 100.0), "samples_near_copies": (0.0, 1.0), "mse": (0.0, 4.0)}
 
 MAX_TEXT = 512  # characters of any string a node sends (ids, file names, reasons)
 MAX_INT = 2**31 - 1
@@ -142,13 +149,7 @@ def accept_sample(reply: Message, client_id: str, num_images: int) -> dict:
     """A sample reply: the names of the files in which the node stored ``num_images`` finished
     images, and their count. A path is refused: the server's records name clients and counts,
     never where a node keeps its files (docs/design.md section 7)."""
-    _, meta = read_reply(reply, "sample")
-    if meta["client-id"] != client_id:
-        raise RejectedReply(f"node of client {client_id} answers as client "
-                            f"{one_line(meta['client-id'], 40)}")
-    if meta["num-images"] != num_images:
-        raise RejectedReply(f"client {client_id}: stored {meta['num-images']} images, "
-                            f"asked for {num_images}")
+    meta = _counted_reply(reply, "sample", client_id, "num-images", num_images)
     for key in ("png", "npz"):
         if not _file_name(meta[key]):
             raise RejectedReply(f"client {client_id}: {key} {one_line(meta[key], 80)} is not a "
@@ -158,3 +159,27 @@ def accept_sample(reply: Message, client_id: str, num_images: int) -> dict:
 
 def _file_name(text: str) -> bool:
     return "/" not in text and "\\" not in text and ":" not in text and text not in (".", "..")
+
+
+def accept_evaluation(reply: Message, client_id: str, num_samples: int) -> dict[str, float | int]:
+    """An evaluation reply: numbers only (no array: max_messages 0), exactly EVALUATION's keys,
+    each figure finite and within FIGURE_BOUNDS, for ``num_samples`` samples."""
+    meta = _counted_reply(reply, "evaluate", client_id, "num-samples", num_samples)
+    for figure in FIGURES:
+        low, high = next(b for key, b in FIGURE_BOUNDS.items() if key in figure)
+        if not low <= meta[figure] <= high:
+            raise RejectedReply(f"client {client_id}: {figure} = {meta[figure]!r} outside "
+                                f"[{low:g}, {high:g}]")
+    return {key: meta[key] for key in EVALUATION if key != "client-id"}
+
+
+def _counted_reply(reply: Message, kind: str, client_id: str, count_key: str, count: int) -> dict:
+    """The metadata of a reply of ``kind`` that is ``client_id``'s and holds ``count`` images."""
+    _, meta = read_reply(reply, kind)
+    if meta["client-id"] != client_id:
+        raise RejectedReply(f"node of client {client_id} answers as client "
+                            f"{one_line(meta['client-id'], 40)}")
+    if meta[count_key] != count:
+        raise RejectedReply(f"client {client_id}: {kind} reply for {meta[count_key]} images, "
+                            f"asked for {count}")
+    return meta

@@ -2,8 +2,9 @@
 
 Per round the server sends every verified hospital one ``train`` message asking for K batches,
 receives each node's K encoded CollaFuse messages, and calls ``Server.train_step`` once per
-batch index on the union of the clients' messages (clients in the in-process engine's order),
-exactly as ``collafuse.engines.local`` does, so both engines give the same models under the
+batch index on the union of the clients' messages (clients in the in-process engine's order):
+the round loop is ``collafuse.engines.rounds.run_rounds``, the in-process engine's own, with
+:class:`NodeTransport` carrying the messages, so both engines give the same models under the
 same seed. Rounds are pipelined: round r+1's requests go out as soon as round r's replies are
 in, so the nodes train while the server does.
 
@@ -31,7 +32,6 @@ import json
 import re
 import shlex
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +40,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import transport
 from ...state import write_text
-from .common import code_digest, info, warn, write_json
-from .replies import RejectedReply, accept_hello, accept_sample, accept_train
+from .common import code_digest, info, sample_labels, warn, write_json
+from ..rounds import ClientReplies, run_rounds
+from .replies import (RejectedReply, accept_evaluation, accept_hello, accept_sample,
+                      accept_train)
 
 app = ServerApp()
 
@@ -50,13 +52,9 @@ METRICS = "metrics.jsonl"
 RESULT = "flower-result.json"
 NODES = "flower-nodes.json"  # node id -> registered name and client served (`collafuse flower nodes`)
 IDENTITIES = ("registered-name", "node-report")
+TASKS = ("train", "sample", "evaluate")
+ACTIVITY = {"sample": "sampling", "evaluate": "evaluation"}  # what the log calls a query
 POLL = 0.1  # seconds between pulls of replies (Flower's own send_and_receive sleeps 3 s)
-
-
-def config_from_text(text: str):
-    from ...config import from_dict
-
-    return on_flower(from_dict(tomllib.loads(text), source="config sent by the server"))
 
 
 def load_run_config(context: Context):
@@ -65,17 +63,7 @@ def load_run_config(context: Context):
     rc = context.run_config
     path = str(rc.get("config", "")) or None
     overrides = shlex.split(str(rc.get("overrides", "")))
-    return on_flower(load_config(path, overrides))
-
-
-def on_flower(cfg):
-    """The config, unless it asks for what this engine does not carry: class-conditional
-    models (their labels and guidance are in-process only for now)."""
-    if cfg.model.condition != "none":
-        raise ValueError(f"model.condition = {cfg.model.condition!r}: class-conditional runs "
-                         "are in-process only (collafuse train / sample / sweep); the Flower "
-                         "engine does not carry labels yet")
-    return cfg
+    return load_config(path, overrides)
 
 
 @dataclass
@@ -92,6 +80,7 @@ class Settings:
     sample_n: int
     sample_timeout: float
     identity: str
+    evaluate_n: int
 
     @classmethod
     def of(cls, rc: dict, cfg) -> "Settings":
@@ -104,14 +93,21 @@ class Settings:
                 round_timeout=float(rc.get("round-timeout", 600.0)),
                 sample_n=int(rc.get("sample-n", 0)),
                 sample_timeout=float(rc.get("sample-timeout", 1800.0)),
-                identity=str(rc.get("identity", "registered-name")))
-        if s.task not in ("train", "sample"):
-            raise ValueError(f"run config task={s.task!r}: expected 'train' or 'sample'")
+                identity=str(rc.get("identity", "registered-name")),
+                evaluate_n=int(rc.get("evaluate-n", 0)))
+        if s.task not in TASKS:
+            raise ValueError(f"run config task={s.task!r}: expected one of {TASKS}")
+        if s.task != "train" and getattr(s, f"{s.task}_n") < 1:
+            raise ValueError(f"run config task={s.task!r} needs {s.task}-n >= 1")
+        if s.evaluate_n and not cfg.data.client_holdout_fraction:
+            raise ValueError("run config evaluate-n > 0: each hospital evaluates against its own "
+                             "held-out patients; set data.client_holdout_fraction > 0")
         if s.identity not in IDENTITIES:
             raise ValueError(f"run config identity={s.identity!r}: expected one of {IDENTITIES}")
-        if s.rounds < 0 or s.batches_per_round < 1 or s.min_nodes < 1 or s.sample_n < 0:
-            raise ValueError("run config: rounds and sample-n must be >= 0, batches-per-round "
-                             "and min-nodes >= 1")
+        if min(s.rounds, s.sample_n, s.evaluate_n) < 0 or min(s.batches_per_round,
+                                                               s.min_nodes) < 1:
+            raise ValueError("run config: rounds, sample-n and evaluate-n must be >= 0, "
+                             "batches-per-round and min-nodes >= 1")
         if min(s.node_wait_timeout, s.round_timeout, s.sample_timeout) <= 0:
             raise ValueError("run config: timeouts must be > 0 seconds")
         return s
@@ -345,6 +341,83 @@ def save(server, progress: dict, run_dir: Path) -> None:
     save_state({"server": server.state_dict(), "progress": progress}, run_dir / SERVER_STATE)
 
 
+class NodeTransport:
+    """The Flower engine's :class:`..rounds.Transport`: a round's requests are pushed to the
+    verified nodes, their replies pulled and checked (:mod:`.replies`); a node that fails, is
+    silent or sends anything unexpected is left out of that round, with a logged reason."""
+
+    def __init__(self, grid: Grid, roster: Roster, server, settings: Settings, cfg):
+        self.grid, self.roster, self.server, self.settings, self.cfg = (grid, roster, server,
+                                                                         settings, cfg)
+        self.inflight: dict[int, tuple[Exchange, dict[int, str]]] = {}
+
+    def request(self, rnd: int) -> None:
+        self.roster.greet(self.grid, rnd - 1)  # a node that (re)connected serves from rnd on
+        clients = {self.roster.node_of[c]: c for c in self.roster.order}
+        meta = {"config-toml": self.roster.cfg_text, "round": rnd,
+                "batches": self.settings.batches_per_round, "code-digest": self.roster.digest}
+        contents = {n: transport.pack([], meta) for n in clients}
+        self.inflight[rnd] = (Exchange(self.grid, "train", contents, self.settings.round_timeout,
+                                       str(rnd)), clients)
+
+    def replies(self, rnd: int) -> ClientReplies:
+        exchange, clients = self.inflight.pop(rnd)
+        # greet while waiting: a node back after a crash is bound in time for the next round
+        replies, failed = exchange.collect(idle=lambda: self.roster.greet(self.grid, rnd - 1))
+        inbox, losses, nbytes, problems = {}, {}, {}, {}
+        for n, cid in clients.items():
+            try:
+                if n in failed:
+                    raise RejectedReply(failed[n])
+                inbox[cid], losses[cid] = accept_train(
+                    self.server, replies[n], cid, rnd, self.settings.batches_per_round,
+                    self.cfg.train.batch_size)
+                nbytes[cid] = sum(m.nbytes for m in inbox[cid])
+            except RejectedReply as err:
+                problems[cid] = str(err)
+                warn("round %d: node %s (client %s) left out of this round: %s", rnd, n, cid, err)
+        order = client_order(self.cfg, inbox)
+        return ClientReplies({c: inbox[c] for c in order}, {c: losses[c] for c in order},
+                             {c: nbytes[c] for c in order}, problems)
+
+
+class ServerKeeper:
+    """What the ServerApp keeps of each round (:class:`..rounds.Keeper`): a metrics line,
+    TensorBoard, and the server's state with its progress after every round."""
+
+    def __init__(self, server, settings: Settings, cfg, rounds: int, log, tracker,
+                 progress: dict):
+        self.server, self.settings, self.cfg, self.rounds = server, settings, cfg, rounds
+        self.log, self.tracker = log, tracker
+        self.saved = progress  # the progress saved with the server's state
+        self.line: dict = {}
+        self.started = time.perf_counter()
+
+    def record(self, rnd: int, replies: ClientReplies, server_losses: list) -> None:
+        losses = [x.item() for x in server_losses if x is not None]
+        self.line = {"round": rnd, "clients": list(replies.messages),
+                     "problems": replies.problems,
+                     "server_loss": sum(losses) / len(losses) if losses else None,
+                     "client_loss": replies.losses, "bytes": replies.nbytes,
+                     "seconds": time.perf_counter() - self.started}
+        self.log.write(json.dumps(self.line) + "\n")
+        self.log.flush()
+        track_round(self.tracker, self.server, self.line, self.rounds, self.cfg)
+
+    def checkpoint(self, rnd: int, final: bool) -> None:
+        self.saved = {"round": rnd, "rounds": self.rounds,
+                      "batches-per-round": self.settings.batches_per_round,
+                      "server-steps": self.server.steps}
+        save(self.server, self.saved, self.settings.run_dir)
+
+    def progress(self, rnd: int) -> None:
+        line = self.line
+        info("round %d/%d: %d/%d clients, server loss %s, %.1fs", rnd, self.rounds,
+             len(line["clients"]), len(line["clients"]) + len(line["problems"]),
+             line["server_loss"], line["seconds"])
+        self.started = time.perf_counter()
+
+
 def train(grid: Grid, context: Context) -> dict:
     from ...factory import make_server, total_rounds
     from ...tracking import Tracker
@@ -361,55 +434,12 @@ def train(grid: Grid, context: Context) -> dict:
     rounds = settings.rounds or total_rounds(cfg, list(roster.num_images.values()), K)
     info("clients %s on nodes %s; %d round(s) of %d batch(es)", roster.order,
          [roster.node_of[c] for c in roster.order], rounds, K)
-
-    def ask(rnd: int) -> tuple[Exchange, dict[int, str]]:
-        roster.greet(grid, rnd - 1)  # a node that (re)connected serves from this round on
-        clients = {roster.node_of[c]: c for c in roster.order}
-        meta = {"config-toml": cfg_text, "round": rnd, "batches": K, "code-digest": roster.digest}
-        contents = {n: transport.pack([], meta) for n in clients}
-        return Exchange(grid, "train", contents, settings.round_timeout, str(rnd)), clients
-
-    inflight = ask(progress["round"] + 1) if progress["round"] < rounds else None
     with open(settings.run_dir / METRICS, "a") as log, \
             Tracker.of_run(settings.run_dir, progress["round"]) as tracker:
-        while progress["round"] < rounds:
-            rnd = progress["round"] + 1
-            start = time.perf_counter()
-            exchange, clients = inflight
-            # greet while waiting: a node back after a crash is bound in time for the next round
-            replies, failed = exchange.collect(idle=lambda: roster.greet(grid, rnd - 1))
-            # pipelining: the nodes start round rnd+1 while the server trains on round rnd
-            inflight = ask(rnd + 1) if rnd < rounds else None
-            inbox, losses, nbytes, problems = {}, {}, {}, {}
-            for n, cid in clients.items():
-                try:
-                    if n in failed:
-                        raise RejectedReply(failed[n])
-                    inbox[cid], losses[cid] = accept_train(server, replies[n], cid, rnd, K,
-                                                           cfg.train.batch_size)
-                    nbytes[cid] = sum(m.nbytes for m in inbox[cid])
-                except RejectedReply as err:
-                    problems[cid] = str(err)
-                    warn("round %d: node %s (client %s) left out of this round: %s",
-                         rnd, n, cid, err)
-            answered = client_order(cfg, inbox)
-            server_losses = [server.train_step([inbox[c][k] for c in answered])
-                             for k in range(K)] if answered else []
-            progress = {"round": rnd, "rounds": rounds, "batches-per-round": K,
-                        "server-steps": server.steps}
-            save(server, progress, settings.run_dir)
-            server_losses = [x.item() for x in server_losses if x is not None]
-            line = {"round": rnd, "clients": answered, "problems": problems,
-                    "server_loss": (sum(server_losses) / len(server_losses)
-                                    if server_losses else None),
-                    "client_loss": losses, "bytes": nbytes,
-                    "seconds": time.perf_counter() - start}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-            track_round(tracker, server, line, rounds, cfg)
-            info("round %d/%d: %d/%d clients, server loss %s, %.1fs", rnd, rounds, len(answered),
-                 len(clients), line["server_loss"], line["seconds"])
-    return finish(grid, server, roster, cfg, settings, progress)
+        keeper = ServerKeeper(server, settings, cfg, rounds, log, tracker, progress)
+        run_rounds(server, NodeTransport(grid, roster, server, settings, cfg), keeper,
+                   progress["round"], rounds, K)
+    return finish(grid, server, roster, cfg, settings, keeper.saved)
 
 
 def track_round(tracker, server, line: dict, rounds: int, cfg) -> None:
@@ -436,42 +466,64 @@ def track_round(tracker, server, line: dict, rounds: int, cfg) -> None:
 
 
 def finish(grid: Grid, server, roster: Roster, cfg, settings: Settings, progress: dict) -> dict:
-    """Split inference if asked, and the run's result file (samples of earlier calls kept)."""
+    """Split inference and federated evaluation if asked, and the run's result file (what
+    earlier calls added is kept)."""
     path = settings.run_dir / RESULT
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update({"rounds": progress["round"], "clients": roster.order})
     result.setdefault("samples", {})
     if settings.sample_n > 0:
         result["samples"].update(sample(grid, server, roster, cfg, settings))
+    if settings.evaluate_n > 0:
+        rows = evaluate(grid, server, roster, cfg, settings)
+        result["evaluated"] = {r["client"]: r["num_samples"] for r in rows}
     write_json(path, result)
     return result
 
 
-def sample(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> dict[str, dict]:
+def ask_to_finish(grid: Grid, server, roster: Roster, cfg, settings: Settings, n: int,
+                  kind: str) -> tuple[dict[int, Message], dict[int, str], dict[int, str]]:
     """Split inference: the server generates the hand-overs of all clients that share a cut in
     one batch (its own stream for ``sample.seed``; the i-th client of the batch gets rows
-    i*n..(i+1)*n), each node finishes its own on its disk and answers only where the images
-    are."""
+    i*n..(i+1)*n) and sends each node its own in a ``query.<kind>`` request ("sample",
+    "evaluate"); ({node: reply}, {node: why none}, {node: client}), nodes in client order.
+    A conditional run's samples are of the classes :func:`sample_labels` names; the request
+    carries them, and the guidance scale, only where the server's model takes labels
+    (model.condition = "both"), as the in-process client's request does."""
+    import torch
+
     from ...messages import PartialSamples, SampleRequest, encode
 
-    n, order = settings.sample_n, roster.order
     by_cut: dict[int, list[str]] = {}  # clients with cuts of their own get their own hand-over
-    for cid in order:
+    for cid in roster.order:
         by_cut.setdefault(server.cut_of(cid), []).append(cid)
     meta = {"config-toml": roster.cfg_text, "seed": cfg.sample.seed, "code-digest": roster.digest}
-    contents, clients = {}, {}
+    contents = {}
     for group in by_cut.values():
-        info("sampling: generating %d hand-overs for %s", n * len(group), group)
-        partial = server.generate(SampleRequest(client_id=group[0], num_samples=n * len(group),
-                                                seed=cfg.sample.seed, sampler=cfg.sample.sampler,
-                                                steps=cfg.sample.steps))
+        info("%s: generating %d hand-overs for %s", ACTIVITY[kind], n * len(group), group)
+        labels, scale = None, 1.0
+        if cfg.model.condition == "both":
+            labels = torch.cat([sample_labels(cfg, n)] * len(group))
+            scale = cfg.sample.guidance_scale
+        partial = server.generate(SampleRequest(
+            client_id=group[0], num_samples=n * len(group), seed=cfg.sample.seed,
+            sampler=cfg.sample.sampler, steps=cfg.sample.steps, labels=labels,
+            guidance_scale=scale))
         for i, cid in enumerate(group):
             part = PartialSamples(client_id=cid, x=partial.x[i * n:(i + 1) * n].cpu(),
                                   cut=partial.cut, sampler=partial.sampler, steps=partial.steps)
             contents[roster.node_of[cid]] = transport.pack([encode(part)], meta)
-            clients[roster.node_of[cid]] = cid
-    replies, failed = Exchange(grid, "query.sample", contents, settings.sample_timeout,
-                               "sample").collect()
+    clients = {roster.node_of[cid]: cid for cid in roster.order}
+    replies, failed = Exchange(grid, f"query.{kind}", contents, settings.sample_timeout,
+                               kind).collect()
+    return replies, failed, clients
+
+
+def sample(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> dict[str, dict]:
+    """Split inference; each node finishes its samples on its disk and answers only where the
+    images are (file names and the count)."""
+    n = settings.sample_n
+    replies, failed, clients = ask_to_finish(grid, server, roster, cfg, settings, n, "sample")
     stored = {}
     for node, cid in clients.items():
         try:
@@ -480,20 +532,58 @@ def sample(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> dict[
             stored[cid] = accept_sample(replies[node], cid, n)
         except RejectedReply as err:
             warn("sampling: node %s (client %s): %s", node, cid, err)
-    info("sampling: %d/%d clients stored their images", len(stored), len(order))
+    info("sampling: %d/%d clients stored their images", len(stored), len(clients))
     return stored
 
 
-def sample_only(grid: Grid, context: Context) -> dict:
-    """task='sample': split inference from a run's saved server, without training."""
+def evaluate(grid: Grid, server, roster: Roster, cfg, settings: Settings) -> list[dict]:
+    """Federated evaluation: every node finishes ``evaluate-n`` samples and evaluates them
+    against its own images; the checked numbers become results.csv / .json and report.md."""
+    from ...evaluation.federated import write_federated_results
+
+    n = settings.evaluate_n
+    replies, failed, clients = ask_to_finish(grid, server, roster, cfg, settings, n, "evaluate")
+    rows = evaluation_rows(cfg, server, replies, failed, clients, n)
+    report = write_federated_results(settings.run_dir, rows)
+    info("evaluation: %d/%d clients evaluated their samples; %s", len(rows), len(clients), report)
+    return rows
+
+
+def evaluation_rows(cfg, server, replies: dict[int, Message], failed: dict[int, str],
+                    clients: dict[int, str], n: int) -> list[dict]:
+    """One row of the sweep's per-client columns per node whose evaluation reply passes
+    :func:`.replies.accept_evaluation`; any other reply is left out with a logged reason."""
+    from ...evaluation.federated import FIGURES
+
+    rows = []
+    for node, cid in clients.items():
+        try:
+            if node in failed:
+                raise RejectedReply(failed[node])
+            figures = accept_evaluation(replies[node], cid, n)
+        except RejectedReply as err:
+            warn("evaluation: node %s (client %s) left out: %s", node, cid, err)
+            continue
+        rows.append({"protocol": cfg.train.protocol, "seed": cfg.run.seed,
+                     "cut_ratio": cfg.diffusion.cut_ratio, "cut_index": server.cut,
+                     "client_cut_ratio": cfg.cut_ratio(cid), "client_cut_index": server.cut_of(cid),
+                     "client_preset": cfg.preset(cid), "condition": cfg.model.condition,
+                     "num_timesteps": cfg.diffusion.num_timesteps, "client": cid,
+                     "train_images": figures["num-train"],
+                     "holdout_images": figures["num-holdout"], "num_samples": n,
+                     **{key: figures[key] for key in FIGURES}})
+    return rows
+
+
+def serve_saved(grid: Grid, context: Context) -> dict:
+    """task='sample' / 'evaluate': split inference (and evaluation) from a run's saved server,
+    without training."""
     from ...factory import make_server
 
     cfg = load_run_config(context)
     settings = Settings.of(context.run_config, cfg)
-    if settings.sample_n < 1:
-        raise ValueError("task='sample' needs sample-n >= 1")
     if not (settings.run_dir / SERVER_STATE).is_file():
-        raise ValueError(f"{settings.run_dir}: no {SERVER_STATE} to sample from")
+        raise ValueError(f"{settings.run_dir}: no {SERVER_STATE} to {settings.task} from")
     server = make_server(cfg)
     progress = resume(server, settings, cfg.to_toml())
     roster = Roster(cfg, cfg.to_toml(), settings.identity, min(settings.sample_timeout, 120.0),
@@ -508,7 +598,7 @@ def main(grid: Grid, context: Context) -> None:
 
     enlarge_cpu_kernel_cache()  # before any convolution runs, as the collafuse command does
     # Settings.of refuses any other task, before a node is asked anything
-    if str(context.run_config.get("task", "train")) == "sample":
-        sample_only(grid, context)
+    if str(context.run_config.get("task", "train")) in ("sample", "evaluate"):
+        serve_saved(grid, context)
     else:
         train(grid, context)
