@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data import DataError, ImageSet, to_model, to_uint8
 from ..state import write_text
-from .disclosure import mean_pairwise_mse
+from .metrics import mean_pairwise_mse
 from .sweep import _subset, sample_copies, write_results
 from .synthetic import evaluate_image_sets
 

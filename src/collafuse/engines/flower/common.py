@@ -67,6 +67,6 @@ def config_from_text(text: str):
 def sample_labels(cfg, n: int):
     """The classes of a hospital's ``n`` samples, as server and node both read them from the
     run's config (sample.label, or every class in equal blocks); None if unconditional."""
-    from ..local import class_labels
+    from ...client import class_labels
 
     return class_labels(cfg.model.classes, cfg.model.condition != "none", n, cfg.sample.label)
