@@ -137,6 +137,13 @@ def test_matching_leaves_the_blind_baseline_near_chance(lgg):
     assert unmatched["auc"] > 0.65  # matching disabled: the images alone tell them apart
 
 
+def test_shared_patients_finds_a_reference_set_that_holds_members(lgg):
+    pool, candidates = hospital_split(lgg)
+    assert mia.shared_patients(pool, candidates) == set()
+    assert mia.shared_patients(pool, pool.subset(range(10))) == \
+        set(np.unique(pool.meta["patient"][:10]).tolist())
+
+
 def test_matching_keeps_pairs_of_a_small_held_out_set_and_uses_a_candidate_at_most_twice(lgg):
     pool, candidates = hospital_split(lgg)
     few = candidates.subset(np.flatnonzero(np.isin(candidates.meta["patient"],

@@ -332,6 +332,14 @@ def match_nonmembers(members: ImageSet, candidates: ImageSet, num_pairs: int, se
     return m, n
 
 
+def shared_patients(a: ImageSet, b: ImageSet) -> set:
+    """The patients in both sets (none without patient metadata): a calibration reference
+    trained on a member's patient reads that member's membership backwards."""
+    if "patient" not in a.meta or "patient" not in b.meta:
+        return set()
+    return set(np.intersect1d(a.meta["patient"], b.meta["patient"]).tolist())
+
+
 def random_nonmembers(members: ImageSet, candidates: ImageSet, num_pairs: int,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unmatched sets, as the audit drew them before: random members, random candidates."""

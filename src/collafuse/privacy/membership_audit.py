@@ -151,6 +151,10 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                "client": mia.attack_levels(0, cut, num_timesteps)}
     untrained_server = _published(make_server(cfg))
     reference_set, shared_pool = _reference_split(run, seed)
+    for cid, part in data.clients.items():
+        if mia.shared_patients(reference_set, part):
+            raise ValueError(f"{run_dir}: the calibration reference's training set holds "
+                             f"patients of client {cid}; it must hold none")
     reference, ref_seconds = None, 0.0
     if reference_rounds > 0 and len(reference_set) > 0:
         if progress:
