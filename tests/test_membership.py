@@ -228,8 +228,8 @@ def train_planted(members: torch.Tensor, steps: int = PLANTED_STEPS, lr: float =
 
 @pytest.mark.slow
 def test_a_model_trained_to_memorise_64_slices_is_seen_by_pia(matched16):
-    """A trained planted case: 600 full-batch steps on 64 members (about a minute on a quiet
-    core). Measured: PIA 0.826, loss 0.652, SecMI 0.502; the untrained model's PIA on these 64
+    """A trained planted case: 600 full-batch steps on 64 members (159 s at load 5;
+    20 min with a tenth of a core). Measured: PIA 0.826, loss 0.652, SecMI 0.502; the untrained model's PIA on these 64
     pairs 0.416. PIA sees the memorisation; SecMI does not at this strength (docs/privacy.md)."""
     members, nonmembers = matched16[0][:64], matched16[1][:64]
     model = train_planted(members)
