@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import DEFAULT_DATA
 
 from collafuse.data import ImageSet, to_model
-from collafuse.diffusion import make_scheduler
+from collafuse.diffusion import add_noise, make_scheduler
 from collafuse.models import make_unet, predict_noise
 from collafuse.privacy import membership as mia
 
@@ -125,7 +125,7 @@ def test_matching_leaves_the_blind_baseline_near_chance(lgg):
     feats = mia.matching_features(pool)
     biased = pool.subset(np.flatnonzero(np.abs(feats[:, 0] - 0.5) < 0.25))
     mi, ni = mia.match_nonmembers(biased, candidates, 200, seed=0)
-    assert len(mi) >= 100 and len(set(ni.tolist())) == len(ni)
+    assert len(mi) >= 100 and np.bincount(ni).max() <= 2
     fm, fc = mia.matching_features(biased.subset(mi)), mia.matching_features(candidates.subset(ni))
     assert (fm[:, 1] == fc[:, 1]).all()  # tumour status matched exactly
     def blind(m, n):
@@ -137,12 +137,22 @@ def test_matching_leaves_the_blind_baseline_near_chance(lgg):
     assert unmatched["auc"] > 0.65  # matching disabled: the images alone tell them apart
 
 
-def test_matching_draws_members_from_as_many_patients_as_the_non_members(lgg):
+def test_shared_patients_finds_a_reference_set_that_holds_members(lgg):
+    pool, candidates = hospital_split(lgg)
+    assert mia.shared_patients(pool, candidates) == set()
+    assert mia.shared_patients(pool, pool.subset(range(10))) == \
+        set(np.unique(pool.meta["patient"][:10]).tolist())
+
+
+def test_matching_keeps_pairs_of_a_small_held_out_set_and_uses_a_candidate_at_most_twice(lgg):
     pool, candidates = hospital_split(lgg)
     few = candidates.subset(np.flatnonzero(np.isin(candidates.meta["patient"],
-                                                   np.unique(candidates.meta["patient"])[:5])))
+                                                   np.unique(candidates.meta["patient"])[:3])))
     mi, ni = mia.match_nonmembers(pool, few, 500)
-    assert len(np.unique(pool.meta["patient"][mi])) <= 5 < len(np.unique(pool.meta["patient"]))
+    assert len(mi) >= 60  # three held-out patients still give enough pairs
+    assert np.bincount(ni).max() <= 2 and len(set(mi.tolist())) == len(mi)
+    once = mia.match_nonmembers(pool, few, 500, max_uses=1)[1]
+    assert len(once) < len(ni) and np.bincount(once).max() == 1
 
 
 PLANTED_T, PLANTED_CUT, PLANTED_SIZE = 20, 2, 16
@@ -151,17 +161,21 @@ PLANTED_T, PLANTED_CUT, PLANTED_SIZE = 20, 2, 16
 def visible(images: ImageSet) -> ImageSet:
     """The slices that show the head (over 30% foreground): blank edge slices are alike in
     every patient, and no attack can tell whose they are."""
-    return images.subset(np.flatnonzero(mia.matching_features(images)[:, 4] > 0.3))
+    return images.subset(np.flatnonzero(mia.matching_features(images)[:, mia.FOREGROUND] > 0.3))
+
+
+def matched_pairs16(lgg, num_pairs: int):
+    """Up to ``num_pairs`` members (half of DU's patients) and matched non-members (the other
+    half), visible slices, 16x16."""
+    pool, candidates = (visible(s) for s in hospital_split(lgg))
+    mi, ni = mia.match_nonmembers(pool, candidates, num_pairs, seed=0)
+    small = lambda s, rows: F.avg_pool2d(to_model(s.images[rows]), 2)
+    return small(pool, mi), small(candidates, ni)
 
 
 @pytest.fixture(scope="module")
 def matched16(lgg):
-    """Up to 256 members (half of DU's patients) and matched non-members (the other half),
-    visible slices, 16x16."""
-    pool, candidates = (visible(s) for s in hospital_split(lgg))
-    mi, ni = mia.match_nonmembers(pool, candidates, 256, seed=0)
-    small = lambda s, rows: F.avg_pool2d(to_model(s.images[rows]), 2)
-    return small(pool, mi), small(candidates, ni)
+    return matched_pairs16(lgg, 256)
 
 
 def reports(model, members, nonmembers):
@@ -187,16 +201,54 @@ def test_a_perfect_memoriser_of_64_real_slices_is_seen(matched16):
     assert aucs(memoriser, nonmembers, members)["pia"] <= 0.05
 
 
-def test_untrained_model_and_blind_baseline_are_chance_after_matching(matched16):
-    members, nonmembers = matched16
+PLANTED_LEVELS = (2, 6)  # t0 = 2, PIA's t = 4, SecMI's step to 5: the levels the attacks query
+PLANTED_STEPS = 600
+
+
+def train_planted(members: torch.Tensor, steps: int = PLANTED_STEPS, lr: float = 5e-3):
+    """The tiny server UNet trained on the members alone, full batch, on the levels the attacks
+    query (a server model trained over all its levels memorises far slower: PIA 0.86 after
+    2,400 epochs on t in [2, 20))."""
+    scheduler = make_scheduler(PLANTED_T)
+    torch.manual_seed(0)
+    net = make_unet("tiny", PLANTED_SIZE)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        t = torch.randint(*PLANTED_LEVELS, (len(members),), generator=g)
+        eps = torch.randn(members.shape, generator=g)
+        loss = F.mse_loss(predict_noise(net, add_noise(scheduler, members, eps, t), t), eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+    return lambda x, t: predict_noise(net.eval(), x, t)
+
+
+@pytest.mark.slow
+def test_a_model_trained_to_memorise_64_slices_is_seen_by_pia(matched16):
+    """A trained planted case: 600 full-batch steps on 64 members (159 s at load 5;
+    20 min with a tenth of a core). Measured: PIA 0.826, loss 0.652, SecMI 0.502; the untrained model's PIA on these 64
+    pairs 0.416. PIA sees the memorisation; SecMI does not at this strength (docs/privacy.md)."""
+    members, nonmembers = matched16[0][:64], matched16[1][:64]
+    model = train_planted(members)
+    auc = aucs(model, members, nonmembers)
+    assert auc["pia"] >= 0.8 and auc["loss"] >= 0.6, auc
+    # members and non-members swapped: the same attack reads it backwards
+    assert aucs(model, nonmembers, members)["pia"] <= 0.2
+
+
+@pytest.mark.slow  # every matched pair of the bundled slices through three attacks: ~1 CPU-minute
+def test_untrained_model_and_blind_baseline_are_chance_after_matching(lgg):
+    members, nonmembers = matched_pairs16(lgg, 1000)
+    assert len(members) >= 450  # every pair the matching finds: 477 of 782 members
     torch.manual_seed(0)
     net = make_unet("tiny", PLANTED_SIZE).eval()
     stats = reports(lambda x, t: predict_noise(net, x, t), members, nonmembers)
     stats["blind"] = mia.report(*mia.blind_scores(members, nonmembers))
-    # near chance (256 pairs: AUC standard error about 0.025). Measured: loss 0.500, SecMI 0.502,
-    # blind within 0.45-0.55; PIA 0.448 [0.40, 0.49]: a small difference the matching leaves,
-    # which the untrained PIA reads (the audit prints each attack's untrained AUC beside it)
+    # 477 pairs: 95% intervals about +-0.04 wide. Measured: loss 0.499 [0.465, 0.539], SecMI
+    # 0.505 [0.470, 0.547], PIA 0.489 [0.451, 0.530], blind 0.509 [0.473, 0.539]
     for name, r in stats.items():
-        assert abs(r["auc"] - 0.5) <= 0.06, (name, r)
-    for name in ("loss", "secmi", "blind"):
-        assert stats[name]["auc_lo"] <= 0.5 <= stats[name]["auc_hi"], (name, stats[name])
+        assert 0.45 <= r["auc"] <= 0.55, (name, r)
+        assert r["auc_lo"] <= 0.5 <= r["auc_hi"], (name, r)

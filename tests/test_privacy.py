@@ -366,3 +366,28 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     assert "| 0.5 | noisy-data | trained | 0.1 | 0.2 |" in table and "(untrained " in table
     assert "| 0.5 | shared-noise | counterfactual | - | - |" in table
     assert (tmp_path / TRADEOFF_FIGURE).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_audit_attacks_what_a_hospital_exports(tmp_path, tiny_config):
+    """`collafuse audit --export --samples`: the exported client models give the in-run
+    client's figures exactly (same weights), the published samples their own rows."""
+    from collafuse.cli import main
+    from collafuse.engines.local import run_training
+
+    run_training(tiny_config(), tmp_path / "run", progress=False)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    assert main(["sample", str(tmp_path / "run"), "-n", "8", "--export",
+                 str(tmp_path / "samples")]) == 0
+    assert main(["audit", str(tmp_path / "run"), "-n", "8", "--reference-rounds", "0",
+                 "--export", str(tmp_path / "export"), "--samples",
+                 str(tmp_path / "samples")]) == 0
+    rows = json.loads((tmp_path / "run" / "membership.json").read_text())["rows"]
+    by = {(r["client"], r["target"], r["attack"]): r for r in rows}
+    for client in ("DU", "HT"):
+        for attack in ("loss", "secmi", "pia"):
+            exported, in_run = by[client, "client (exported)", attack], by[client, "client", attack]
+            assert exported["auc"] == in_run["auc"] and exported["tpr_1"] == in_run["tpr_1"]
+        published = by[client, "samples (published)", "nearest generated"]
+        assert published["levels"] == "8 generated images" and 0 <= published["auc"] <= 1
+    assert main(["audit", str(tmp_path / "run"), "--export", str(tmp_path / "nothing")]) == 2

@@ -123,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--reference-rounds", type=int, default=None,
                        help="rounds of the calibration reference models, trained on the "
                        "run's hold-out set (default 300; 0: no calibrated attacks)")
+    audit.add_argument("--export", type=Path, metavar="DIR", help="a `collafuse export` of "
+                       "the run: its client models attacked too (target 'client (exported)')")
+    audit.add_argument("--samples", type=Path, metavar="DIR", help="a `collafuse sample "
+                       "--export` folder of the run: the sample-based attack on those images "
+                       "(target 'samples (published)')")
     _add_device(audit, "each run's run.device")
     audit.set_defaults(func=_audit)
 
@@ -279,7 +284,7 @@ def _audit(args) -> None:
     if rounds < 0:
         raise ValueError(f"--reference-rounds: expected an integer >= 0, got {rounds}")
     audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed, device=args.device,
-          reference_rounds=rounds)
+          reference_rounds=rounds, export_dir=args.export, samples_dir=args.samples)
     out = args.out or args.run_dir
     print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json, membership.csv, "
           "membership.json)")

@@ -249,16 +249,25 @@ def _model_attacks(model, untrained, scheduler, steps, members, nonmembers, samp
 def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128,
           seed: int = 0, delta: float = DEFAULT_DELTA, progress: bool = True,
           device: str | None = None,
-          reference_rounds: int = DEFAULT_REFERENCE_ROUNDS) -> list[dict]:
+          reference_rounds: int = DEFAULT_REFERENCE_ROUNDS,
+          export_dir: str | Path | None = None,
+          samples_dir: str | Path | None = None) -> list[dict]:
     """Audit a run or sweep folder; write privacy.csv/json/md and membership.csv/json into
     ``out`` (default: path). ``reference_rounds``: training of the calibration reference
-    (:mod:`collafuse.privacy.membership_audit`; 0: no calibrated attacks)."""
+    (:mod:`collafuse.privacy.membership_audit`; 0: no calibrated attacks). ``export_dir`` and
+    ``samples_dir`` (a run folder only): what the run's hospitals published, attacked too."""
     runs = find_runs(path)
+    if len(runs) > 1 and (export_dir is not None or samples_dir is not None):
+        raise ValueError(f"{path}: a sweep folder; --export and --samples belong to one run, "
+                         f"audit that run's folder")
+    for name, folder in (("--export", export_dir), ("--samples", samples_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{name} {folder}: no such folder")
     rows = [row for run_dir in runs
             for row in audit_run(run_dir, num_images, seed, delta, progress, device)]
     member_rows = [row for run_dir in runs
                    for row in membership_rows(run_dir, num_images, seed, reference_rounds,
-                                              progress, device)]
+                                              progress, device, export_dir, samples_dir)]
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "privacy.csv", to_csv(rows))

@@ -8,6 +8,9 @@ client's published samples, against matched non-members, a blind baseline and co
 - target ``client``: the client's model on its levels t < s (the hospital publishing its half);
 - target ``samples``: the hospital's generated images (split inference, as published), by
   nearest-neighbour distance (:func:`collafuse.privacy.membership.sample_distance_scores`);
+- target ``client (exported)`` and ``samples (published)``: the same attacks on what a
+  hospital publishes, read from a ``collafuse export`` folder and a ``collafuse sample
+  --export`` folder (``membership_rows(..., export_dir=, samples_dir=)``);
 - ``blind``: no model at all (:func:`collafuse.privacy.membership.blind_scores`), on the same
   matched sets, and ``blind (unmatched)`` on random sets, to show what matching removed.
 
@@ -99,10 +102,42 @@ def _reference_split(run, seed: int) -> tuple[ImageSet, ImageSet]:
     return split_holdout(run.holdout, holdout_fraction=0.5, seed=seed)
 
 
+def exported_clients(export_dir: str | Path, device: str | None = None) -> dict:
+    """{client: noise predictor} of the client models in a ``collafuse export`` folder, as a
+    hospital publishes them (the export holds the weights sampling uses)."""
+    from ..pipeline import CollaFusePipeline
+
+    pipe = CollaFusePipeline.from_pretrained(export_dir, device=device or "cpu")
+    return {cid: _published(party) for cid, party in pipe.parties.items()}
+
+
+def published_samples(samples_dir: str | Path, image_size: int, channels: int) -> dict:
+    """{client: images in [-1, 1]} of a ``collafuse sample --export`` folder
+    (``<client>/[<class>/]<n>.png``), read as the run's size and channels."""
+    from ..data import load_images
+
+    images = load_images(samples_dir, image_size, channels, layout="site")
+    return {cid: to_model(images.images[images.meta["site"] == cid])
+            for cid in np.unique(images.meta["site"])}
+
+
+def _sample_row(target: str, samples: torch.Tensor, members, nonmembers, seed,
+                blind_tpr: float) -> dict:
+    stats = mia.report(mia.sample_distance_scores(samples, members),
+                       mia.sample_distance_scores(samples, nonmembers), seed=seed)
+    return {"target": target, "attack": "nearest generated", **stats,
+            "levels": f"{len(samples)} generated images",
+            "over_blind": stats["tpr_1"] - blind_tpr}
+
+
 def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                     reference_rounds: int = DEFAULT_REFERENCE_ROUNDS, progress: bool = True,
-                    device: str | None = None) -> list[dict]:
-    """The membership rows of one run folder (see the module's docstring)."""
+                    device: str | None = None, export_dir: str | Path | None = None,
+                    samples_dir: str | Path | None = None) -> list[dict]:
+    """The membership rows of one run folder (see the module's docstring); with
+    ``export_dir`` (a ``collafuse export`` of the run) also target ``client (exported)``, its
+    client models; with ``samples_dir`` (a ``collafuse sample --export`` folder) also target
+    ``samples (published)``, the sample-based attack on those images."""
     from ..engines.local import load_run
     from ..factory import load_client_data, make_client, make_server
     from .audit import nonmember_set
@@ -116,6 +151,10 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                "client": mia.attack_levels(0, cut, num_timesteps)}
     untrained_server = _published(make_server(cfg))
     reference_set, shared_pool = _reference_split(run, seed)
+    for cid, part in data.clients.items():
+        if mia.shared_patients(reference_set, part):
+            raise ValueError(f"{run_dir}: the calibration reference's training set holds "
+                             f"patients of client {cid}; it must hold none")
     reference, ref_seconds = None, 0.0
     if reference_rounds > 0 and len(reference_set) > 0:
         if progress:
@@ -125,6 +164,9 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
         reference = train_reference(cfg, reference_set, reference_rounds,
                                     next(iter(run.clients)), progress)
         ref_seconds = time.perf_counter() - start
+    exported = exported_clients(export_dir, device) if export_dir is not None else {}
+    published = published_samples(samples_dir, cfg.data.image_size, cfg.data.channels) \
+        if samples_dir is not None else {}
     rows = []
     for cid, client in run.clients.items():
         if progress:
@@ -151,18 +193,21 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                               _published(make_client(cfg, cid, data.clients[cid],
                                                      os.urandom(32))),
                               _published(reference[1]) if reference else None)}
-        for target, levels in targets.items():
+        if cid in exported:
+            parties["client (exported)"] = (exported[cid], *parties["client"][1:])
+        for target, models in parties.items():
+            levels = targets[target.split()[0]]
             if levels is None:
                 continue
-            models = dict(zip(("target", "untrained", "reference"), parties[target]))
+            models = dict(zip(("target", "untrained", "reference"), models))
             client_rows += _rows_for(target, levels, models, scheduler, members, nonmembers,
                                      seed, blind["tpr_1"])
         samples, _ = run.sample(cid, len(mi), seed)
-        stats = mia.report(mia.sample_distance_scores(samples, members),
-                           mia.sample_distance_scores(samples, nonmembers), seed=seed)
-        client_rows.append({"target": "samples", "attack": "nearest generated", **stats,
-                            "levels": f"{len(samples)} generated images",
-                            "over_blind": stats["tpr_1"] - blind["tpr_1"]})
+        client_rows.append(_sample_row("samples", samples, members, nonmembers, seed,
+                                       blind["tpr_1"]))
+        if cid in published:
+            client_rows.append(_sample_row("samples (published)", published[cid], members,
+                                           nonmembers, seed, blind["tpr_1"]))
         for row in client_rows:
             rows.append({"run": str(run_dir), "cut_ratio": cfg.diffusion.cut_ratio,
                          "cut_index": cut, "protocol": cfg.train.protocol, "client": cid,
