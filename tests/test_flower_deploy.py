@@ -351,6 +351,39 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     assert _server_state(run_dir)["server"]["steps"] == 7
 
 
+def _assert_gateway_held(attack: GatewayAttack, attacker: threading.Thread, gateway_log: str,
+                         capsys) -> None:
+    """What the gateway did under GatewayAttack, while the hospitals trained through it."""
+    assert not attack.errors and not attacker.is_alive(), attack.errors
+    # 403 by the path filter; 400 where HAProxy finds the request line itself malformed (an
+    # absolute URI whose host is not the Host header's)
+    refused = {line: code for line, code in attack.status.items() if line in REFUSED}
+    assert set(refused.values()) <= {400, 403}, refused
+    assert all(refused[line] == 403 for line in REFUSED if line.split()[1].startswith("/v1/control"))
+    assert 400 <= attack.status[FLEET] < 500 and attack.status[FLEET] != 403, attack.status[FLEET]
+    assert attack.status["GET /health"] == 200
+    # 64 MiB declared: refused on the headers, nothing buffered (the old gateway pinned 421 MB)
+    assert [code for code, _ in attack.big] == [413] * GatewayAttack.BIG, attack.big
+    assert max(sec for _, sec in attack.big) < 10, attack.big
+    # (holding the six bodies would take 384 MiB; 500 connections' buffers take about 30 MiB)
+    assert attack.max_rss_kb - attack.base_rss_kb < 128 * 1024, (attack.base_rss_kb, attack.max_rss_kb)
+    # read timeouts: a stalled head or body gets 408 once timeout http-request ends
+    for what in ("head", "body"):
+        code, sec = attack.stalls[what]
+        assert code == 408 and sec < GATEWAY_HEAD_TIMEOUT + 4, (what, code, sec)
+    # idle connections are dropped (timeout client), not held until the attacker lets go
+    assert attack.idle_dropped_after is not None, "no idle connection was ever dropped"
+    assert attack.idle_dropped_after < GATEWAY_CLIENT_TIMEOUT + 10, attack.idle_dropped_after
+    assert attack.reopened >= GatewayAttack.IDLE, attack.reopened
+    # the hospitals went through the gateway, every honest body well under its 8 MiB limit
+    honest = _pushed_bytes(gateway_log)
+    assert honest and max(honest) < 8 * 2**20, gateway_log[-2000:]
+    with capsys.disabled():  # the figures docs/deployment.md quotes
+        print(f"gateway: {len(honest)} honest pushes, largest body {max(honest)} bytes; "
+              f"{attack.reopened} idle connections reopened; gateway RSS {attack.base_rss_kb} kB, "
+              f"at most {attack.max_rss_kb} kB under attack")
+
+
 def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
     """docs/deployment.md on loopback: certificates from make_certs.sh, a SuperLink with TLS and
     SuperNode authentication behind the fleet gateway (HAProxy with fleet-gateway.cfg; hospitals
@@ -428,6 +461,7 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
             assert refused.returncode != 0, refused.stdout
         assert dep.flwr("ls", "loop").returncode == 0  # and open on the server machine
         gateway_log = dep.tail("gateway", 10**6)
+        _assert_gateway_held(attack, attacker, gateway_log, capsys)
         # the same fleet samples and then evaluates, one `flwr run` each
         settings = {"config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 3,
                     "round-timeout": 180.0}
@@ -436,34 +470,6 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
         evaluated = dep.run({**settings, "task": "evaluate", "evaluate-n": EVALUATE_N}, timeout=600)
         assert evaluated.returncode == 0, evaluated.stdout
         evaluation_pushes = _pushed_bytes(dep.tail("gateway", 10**6)[len(gateway_log):])
-    assert not attack.errors and not attacker.is_alive(), attack.errors
-    # 403 by the path filter; 400 where HAProxy finds the request line itself malformed (an
-    # absolute URI whose host is not the Host header's)
-    refused = {line: code for line, code in attack.status.items() if line in REFUSED}
-    assert set(refused.values()) <= {400, 403}, refused
-    assert all(refused[line] == 403 for line in REFUSED if line.split()[1].startswith("/v1/control"))
-    assert 400 <= attack.status[FLEET] < 500 and attack.status[FLEET] != 403, attack.status[FLEET]
-    assert attack.status["GET /health"] == 200
-    # 64 MiB declared: refused on the headers, nothing buffered (the old gateway pinned 421 MB)
-    assert [code for code, _ in attack.big] == [413] * GatewayAttack.BIG, attack.big
-    assert max(sec for _, sec in attack.big) < 10, attack.big
-    # (holding the six bodies would take 384 MiB; 500 connections' buffers take about 30 MiB)
-    assert attack.max_rss_kb - attack.base_rss_kb < 128 * 1024, (attack.base_rss_kb, attack.max_rss_kb)
-    # read timeouts: a stalled head or body gets 408 once timeout http-request ends
-    for what in ("head", "body"):
-        code, sec = attack.stalls[what]
-        assert code == 408 and sec < GATEWAY_HEAD_TIMEOUT + 4, (what, code, sec)
-    # idle connections are dropped (timeout client), not held until the attacker lets go
-    assert attack.idle_dropped_after is not None, "no idle connection was ever dropped"
-    assert attack.idle_dropped_after < GATEWAY_CLIENT_TIMEOUT + 10, attack.idle_dropped_after
-    assert attack.reopened >= GatewayAttack.IDLE, attack.reopened
-    # the hospitals went through the gateway, every honest body well under its 8 MiB limit
-    honest = _pushed_bytes(gateway_log)
-    assert honest and max(honest) < 8 * 2**20, gateway_log[-2000:]
-    with capsys.disabled():  # the figures docs/deployment.md quotes
-        print(f"gateway: {len(honest)} honest pushes, largest body {max(honest)} bytes; "
-              f"{attack.reopened} idle connections reopened; gateway RSS {attack.base_rss_kb} kB, "
-              f"at most {attack.max_rss_kb} kB under attack")
     assert "registered as 'FG', claims client 'HT': refused" in res.stdout
     result = json.loads((run_dir / "flower-result.json").read_text())
     assert result["rounds"] == 1 and result["clients"] == ["DU", "HT", "FG"]
