@@ -119,6 +119,9 @@ def in_process(cfg, secrets: dict[str, bytes], out: Path, evaluate_n: int) -> li
                                    out / "inception")
         rows.append({"protocol": cfg.train.protocol, "seed": cfg.run.seed,
                      "cut_ratio": cfg.diffusion.cut_ratio, "cut_index": run.server.cut,
+                     "client_cut_ratio": cfg.cut_ratio(cid),
+                     "client_cut_index": run.server.cut_of(cid), "client_preset": cfg.preset(cid),
+                     "condition": cfg.model.condition,
                      "num_timesteps": cfg.diffusion.num_timesteps, "client": cid,
                      "train_images": len(train), "holdout_images": len(held),
                      "num_samples": n, **figures})
@@ -151,12 +154,19 @@ def main() -> None:
                    help="a config override, applied to both runs (repeatable)")
     p.add_argument("--evaluate-n", type=int, default=16, help="samples per hospital")
     p.add_argument("--timeout", type=float, default=900.0, help="round and sample timeout (s)")
-    p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    p.add_argument("--work", type=Path, help="working folder (default: a temporary one); one "
+                   "that holds a finished deployment's run is reused (only the in-process run)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="collafuse-parity-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, args.set)
-    run_dir, secrets, seconds = deploy(args.config, args.set, work, args.evaluate_n, args.timeout)
+    if (work / "server" / "run" / "results.json").is_file():  # deployed already: reuse it
+        run_dir, seconds = work / "server" / "run", {}
+        secrets = {cid: (work / f"state-{cid}" / f"{cid}.key").read_bytes()
+                   for cid in cfg.data.clients}
+    else:
+        run_dir, secrets, seconds = deploy(args.config, args.set, work, args.evaluate_n,
+                                           args.timeout)
     start = time.monotonic()
     local = in_process(cfg, secrets, work / "local", args.evaluate_n)
     seconds["in-process train + evaluate"] = time.monotonic() - start
