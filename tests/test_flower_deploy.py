@@ -514,12 +514,12 @@ def test_deploy_conditional_runs_keep_client_labels_home(tmp_path):
             assert res.returncode == 0, res.stdout
             for cid in node_cfg:  # offline at once, so the next run meets only its own fleet
                 dep.kill(f"{cid}-{condition}", signal.SIGTERM)
-            local = run_training(load_config(cfg_path), home / "local", progress=False)
-            assert_same_models(local.server.model.state_dict(), _server_state(run_dir)["server"]["model"])
-            for cid, client in local.clients.items():
-                state = _node_state(home, cid)
-                assert_same_models(client.model.state_dict(), state["client"]["model"])
-                sent = [m for reply in state["replies"].values() for m in reply]
+            for cid in node_cfg:  # what each node sent, first
+                sent = [m for reply in _node_state(home, cid)["replies"].values() for m in reply]
                 assert sent and all(("labels" in m) == (condition == "both") for m in sent), condition
                 with np.load(home / f"state-{cid}" / "samples" / f"{cid}.npz") as z:
                     assert z["labels"].tolist() == ["left", "left", "right", "right"]
+            local = run_training(load_config(cfg_path), home / "local", progress=False)
+            assert_same_models(local.server.model.state_dict(), _server_state(run_dir)["server"]["model"])
+            for cid, client in local.clients.items():
+                assert_same_models(client.model.state_dict(), _node_state(home, cid)["client"]["model"])
