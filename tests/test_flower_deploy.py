@@ -31,7 +31,7 @@ pytestmark = pytest.mark.flower  # a SuperLink, SuperNodes and ServerApps on loo
 
 import torch  # noqa: E402
 from flower_harness import ROOT, Deployment, make_certs  # noqa: E402
-from test_flower import assert_same_models, tiny_config  # noqa: E402
+from test_flower import assert_same_models, tiny_config, two_class_config  # noqa: E402
 
 from collafuse.cli import main  # noqa: E402
 from collafuse.config import load_config  # noqa: E402
@@ -40,9 +40,13 @@ from collafuse.engines.local import run_training  # noqa: E402
 from collafuse.factory import load_client_data  # noqa: E402
 
 
-def _hospitals(tmp_path, cfg):
-    """Each hospital's own images on its own disk, and its --node-config."""
-    parts = load_client_data(cfg).clients
+def _hospitals(tmp_path, cfg_path):
+    """Each hospital's own images on its own disk, and its --node-config. As docs/deployment.md
+    section 2: a hospital holds its whole partition; its node applies the run's
+    client_holdout_fraction and max_images_per_client, so it trains and evaluates on exactly the
+    images the in-process engine gives that client."""
+    whole = ["data.client_holdout_fraction=0.0", "data.max_images_per_client=0"]
+    parts = load_client_data(load_config(cfg_path, whole)).clients
     node_cfg = {}
     for cid, part in parts.items():
         save_images(part, tmp_path / f"{cid}.npz")
@@ -197,6 +201,50 @@ class GatewayAttack:
             th.join(60)
 
 
+def _pushed_bytes(gateway_log: str) -> list[int]:
+    """The body size of every message part a hospital pushed through the gateway (its log)."""
+    return [int(m.group(1)) for m in re.finditer(
+        r"POST /v1/fleet/push-[a-z]+ 200 content-length=(\d+)", gateway_log)]
+
+
+EVALUATE_N = 4  # samples each hospital finishes and evaluates on its node (32x32, 1 channel)
+SERVER_FILES = {"config.toml", "server.pt", "metrics.jsonl", "flower-result.json",
+                "flower-nodes.json", "results.csv", "results.json", "report.md"}
+
+
+def _assert_sampled_and_evaluated(tmp_path, run_dir, log: str, pushes: list[int], capsys) -> None:
+    """task='sample' left each hospital's images on its disk; task='evaluate' brought numbers
+    only to the server: every part pushed is smaller than the samples as uint8, the server
+    keeps tables of numbers (results, report) and no image or array file."""
+    import csv
+
+    from collafuse.evaluation.federated import FIGURES
+
+    clients = ["DU", "HT", "FG"]
+    result = json.loads((run_dir / "flower-result.json").read_text())
+    assert {c: result["samples"][c]["num-images"] for c in clients} == dict.fromkeys(clients, 4)
+    for cid in clients:
+        with np.load(tmp_path / f"state-{cid}" / "samples" / f"{cid}.npz") as z:
+            assert z["images"].shape[0] == 4 and z["images"].dtype == np.uint8
+    assert result["evaluated"] == dict.fromkeys(clients, EVALUATE_N)
+    assert "evaluation: 3/3 clients evaluated" in log, log[-3000:]
+    samples_uint8 = EVALUATE_N * 32 * 32
+    assert pushes and max(pushes) < samples_uint8, pushes
+    with capsys.disabled():
+        print(f"evaluation run: {len(pushes)} parts pushed through the gateway, largest "
+              f"{max(pushes)} bytes (the samples as uint8: {samples_uint8})")
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["client"] for r in rows] == clients
+    assert all(r[f] != "" and np.isfinite(float(r[f])) for r in rows for f in FIGURES), rows
+    for row in json.loads((run_dir / "results.json").read_text()):
+        assert all(isinstance(v, (int, float, str)) for v in row.values()), row
+    report = (run_dir / "report.md").read_text()
+    assert all(f"| {c} |" in report for c in clients), report
+    assert {p.name for p in run_dir.iterdir() if p.is_file()} <= SERVER_FILES
+    assert not [p for p in run_dir.rglob("*") if p.suffix in (".npz", ".png", ".npy")]
+    assert str(tmp_path / "state-") not in (run_dir / "flower-result.json").read_text()
+
+
 def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     """SuperLink + two SuperNodes (insecure loopback), tiny preset, noisy-data protocol.
 
@@ -212,7 +260,7 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     """
     cfg_path = tiny_config(tmp_path, protocol="noisy-data")
     cfg = load_config(cfg_path)
-    node_cfg = _hospitals(tmp_path, cfg)
+    node_cfg = _hospitals(tmp_path, cfg_path)
     run_dir = tmp_path / "run"
     rc = {"task": "train", "config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 2,
           "identity": "node-report",  # insecure loopback: no registered names to bind to
@@ -303,11 +351,46 @@ def test_deploy_rounds_inference_equivalence_faults_and_resume(tmp_path):
     assert _server_state(run_dir)["server"]["steps"] == 7
 
 
+def _assert_gateway_held(attack: GatewayAttack, attacker: threading.Thread, gateway_log: str,
+                         capsys) -> None:
+    """What the gateway did under GatewayAttack, while the hospitals trained through it."""
+    assert not attack.errors and not attacker.is_alive(), attack.errors
+    # 403 by the path filter; 400 where HAProxy finds the request line itself malformed (an
+    # absolute URI whose host is not the Host header's)
+    refused = {line: code for line, code in attack.status.items() if line in REFUSED}
+    assert set(refused.values()) <= {400, 403}, refused
+    assert all(refused[line] == 403 for line in REFUSED if line.split()[1].startswith("/v1/control"))
+    assert 400 <= attack.status[FLEET] < 500 and attack.status[FLEET] != 403, attack.status[FLEET]
+    assert attack.status["GET /health"] == 200
+    # 64 MiB declared: refused on the headers, nothing buffered (the old gateway pinned 421 MB)
+    assert [code for code, _ in attack.big] == [413] * GatewayAttack.BIG, attack.big
+    assert max(sec for _, sec in attack.big) < 10, attack.big
+    # (holding the six bodies would take 384 MiB; 500 connections' buffers take about 30 MiB)
+    assert attack.max_rss_kb - attack.base_rss_kb < 128 * 1024, (attack.base_rss_kb, attack.max_rss_kb)
+    # read timeouts: a stalled head or body gets 408 once timeout http-request ends
+    for what in ("head", "body"):
+        code, sec = attack.stalls[what]
+        assert code == 408 and sec < GATEWAY_HEAD_TIMEOUT + 4, (what, code, sec)
+    # idle connections are dropped (timeout client), not held until the attacker lets go
+    assert attack.idle_dropped_after is not None, "no idle connection was ever dropped"
+    assert attack.idle_dropped_after < GATEWAY_CLIENT_TIMEOUT + 10, attack.idle_dropped_after
+    assert attack.reopened >= GatewayAttack.IDLE, attack.reopened
+    # the hospitals went through the gateway, every honest body well under its 8 MiB limit
+    honest = _pushed_bytes(gateway_log)
+    assert honest and max(honest) < 8 * 2**20, gateway_log[-2000:]
+    with capsys.disabled():  # the figures docs/deployment.md quotes
+        print(f"gateway: {len(honest)} honest pushes, largest body {max(honest)} bytes; "
+              f"{attack.reopened} idle connections reopened; gateway RSS {attack.base_rss_kb} kB, "
+              f"at most {attack.max_rss_kb} kB under attack")
+
+
 def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
     """docs/deployment.md on loopback: certificates from make_certs.sh, a SuperLink with TLS and
     SuperNode authentication behind the fleet gateway (HAProxy with fleet-gateway.cfg; hospitals
     reach the Fleet API only; the operator's CLI reaches the SuperLink itself), three registered
-    hospitals, one round (split inference is checked in the insecure run above).
+    hospitals, one round; then the same fleet samples (task='sample') and evaluates
+    (task='evaluate'), one `flwr run` each: each hospital evaluates its samples on its node and
+    only numbers reach the server (_assert_sampled_and_evaluated).
 
     The gateway is attacked while the hospitals train through it (GatewayAttack): every refused
     path is 403, six 64 MiB bodies are 413 at once without the gateway holding them, a stalled
@@ -321,8 +404,10 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
     if shutil.which("haproxy") is None:
         pytest.skip("haproxy not installed (scripts/setup.sh installs it)")
     certs = make_certs(tmp_path / "certs", n=3)
-    cfg_path = tiny_config(tmp_path, clients='["DU", "HT", "FG"]', steps=1)
-    node_cfg = _hospitals(tmp_path, load_config(cfg_path))
+    cfg_path = tiny_config(tmp_path, clients='["DU", "HT", "FG"]', steps=1,
+                           data="client_holdout_fraction = 0.3\nmin_images_per_client = 8",
+                           sections="[evaluation]\nmax_real_images = 8\nkid_subsets = 10\n")
+    node_cfg = _hospitals(tmp_path, cfg_path)
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "dep", ROOT, certs=certs, node_auth=True) as dep:
         dep.start_superlink()
@@ -376,35 +461,15 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
             assert refused.returncode != 0, refused.stdout
         assert dep.flwr("ls", "loop").returncode == 0  # and open on the server machine
         gateway_log = dep.tail("gateway", 10**6)
-    assert not attack.errors and not attacker.is_alive(), attack.errors
-    # 403 by the path filter; 400 where HAProxy finds the request line itself malformed (an
-    # absolute URI whose host is not the Host header's)
-    refused = {line: code for line, code in attack.status.items() if line in REFUSED}
-    assert set(refused.values()) <= {400, 403}, refused
-    assert all(refused[line] == 403 for line in REFUSED if line.split()[1].startswith("/v1/control"))
-    assert 400 <= attack.status[FLEET] < 500 and attack.status[FLEET] != 403, attack.status[FLEET]
-    assert attack.status["GET /health"] == 200
-    # 64 MiB declared: refused on the headers, nothing buffered (the old gateway pinned 421 MB)
-    assert [code for code, _ in attack.big] == [413] * GatewayAttack.BIG, attack.big
-    assert max(sec for _, sec in attack.big) < 10, attack.big
-    # (holding the six bodies would take 384 MiB; 500 connections' buffers take about 30 MiB)
-    assert attack.max_rss_kb - attack.base_rss_kb < 128 * 1024, (attack.base_rss_kb, attack.max_rss_kb)
-    # read timeouts: a stalled head or body gets 408 once timeout http-request ends
-    for what in ("head", "body"):
-        code, sec = attack.stalls[what]
-        assert code == 408 and sec < GATEWAY_HEAD_TIMEOUT + 4, (what, code, sec)
-    # idle connections are dropped (timeout client), not held until the attacker lets go
-    assert attack.idle_dropped_after is not None, "no idle connection was ever dropped"
-    assert attack.idle_dropped_after < GATEWAY_CLIENT_TIMEOUT + 10, attack.idle_dropped_after
-    assert attack.reopened >= GatewayAttack.IDLE, attack.reopened
-    # the hospitals went through the gateway, every honest body well under its 8 MiB limit
-    honest = [int(m.group(1)) for m in re.finditer(
-        r"POST /v1/fleet/push-[a-z]+ 200 content-length=(\d+)", gateway_log)]
-    assert honest and max(honest) < 8 * 2**20, gateway_log[-2000:]
-    with capsys.disabled():  # the figures docs/deployment.md quotes
-        print(f"gateway: {len(honest)} honest pushes, largest body {max(honest)} bytes; "
-              f"{attack.reopened} idle connections reopened; gateway RSS {attack.base_rss_kb} kB, "
-              f"at most {attack.max_rss_kb} kB under attack")
+        _assert_gateway_held(attack, attacker, gateway_log, capsys)
+        # the same fleet samples and then evaluates, one `flwr run` each
+        settings = {"config": str(cfg_path), "run-dir": str(run_dir), "min-nodes": 3,
+                    "round-timeout": 180.0}
+        sampled = dep.run({**settings, "task": "sample", "sample-n": 4}, timeout=400)
+        assert sampled.returncode == 0, sampled.stdout
+        evaluated = dep.run({**settings, "task": "evaluate", "evaluate-n": EVALUATE_N}, timeout=600)
+        assert evaluated.returncode == 0, evaluated.stdout
+        evaluation_pushes = _pushed_bytes(dep.tail("gateway", 10**6)[len(gateway_log):])
     assert "registered as 'FG', claims client 'HT': refused" in res.stdout
     result = json.loads((run_dir / "flower-result.json").read_text())
     assert result["rounds"] == 1 and result["clients"] == ["DU", "HT", "FG"]
@@ -414,6 +479,7 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
         assert state["round"] == 1 and state["client"]["steps"] == 1
     assert _server_state(run_dir)["progress"]["round"] == 1
     assert not (tmp_path / "rogue-state").exists()
+    _assert_sampled_and_evaluated(tmp_path, run_dir, evaluated.stdout, evaluation_pushes, capsys)
     # the operator's view of the binding: each node id, its registered name, the client it
     # serves; FG's node (one key, one node id) was first refused as an impostor, then bound
     nodes = json.loads((run_dir / "flower-nodes.json").read_text())["nodes"]
@@ -423,3 +489,37 @@ def test_tls_supernode_auth_three_hospitals(tmp_path, capsys):
     assert main(["flower", "nodes", str(run_dir)]) == 0
     shown = capsys.readouterr().out
     assert all(f"{e['node-id']}  " in shown for e in nodes), shown
+
+
+def test_deploy_conditional_runs_keep_client_labels_home(tmp_path):
+    """A conditional run on loopback under both label placements, one SuperLink: two hospitals
+    of two classes (test_flower.two_class_config), each placement's fleet started fresh (a
+    node's state belongs to one run) and stopped cleanly before the next. The models equal the
+    in-process engine's; each node's samples carry the config's classes; with "client" no
+    training message a node sent (kept in its state to answer a repeated round) holds a label,
+    with "both" every one does."""
+    with Deployment(tmp_path / "dep", ROOT) as dep:
+        dep.start_superlink()
+        for condition in ("both", "client"):
+            home = tmp_path / condition
+            home.mkdir()
+            cfg_path = two_class_config(home, condition)
+            node_cfg = _hospitals(home, cfg_path)
+            for cid in node_cfg:
+                dep.add_supernode(f"{cid}-{condition}", node_cfg[cid])
+            run_dir = home / "run"
+            res = dep.run({"task": "train", "config": str(cfg_path), "run-dir": str(run_dir),
+                           "min-nodes": 2, "identity": "node-report", "round-timeout": 180.0,
+                           "sample-n": 4}, timeout=400)
+            assert res.returncode == 0, res.stdout
+            for cid in node_cfg:  # offline at once, so the next run meets only its own fleet
+                dep.kill(f"{cid}-{condition}", signal.SIGTERM)
+            for cid in node_cfg:  # what each node sent, first
+                sent = [m for reply in _node_state(home, cid)["replies"].values() for m in reply]
+                assert sent and all(("labels" in m) == (condition == "both") for m in sent), condition
+                with np.load(home / f"state-{cid}" / "samples" / f"{cid}.npz") as z:
+                    assert z["labels"].tolist() == ["left", "left", "right", "right"]
+            local = run_training(load_config(cfg_path), home / "local", progress=False)
+            assert_same_models(local.server.model.state_dict(), _server_state(run_dir)["server"]["model"])
+            for cid, client in local.clients.items():
+                assert_same_models(client.model.state_dict(), _node_state(home, cid)["client"]["model"])
