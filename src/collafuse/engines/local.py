@@ -59,14 +59,13 @@ class Run:
         self.meter = meter or WallMeter()
         data = load_client_data(cfg)
         self.holdout, self.client_holdout = data.holdout, data.client_holdout
-        self.server = make_server(cfg)
+        self.server = make_server(cfg, meter=self.meter)
         secrets = secrets or {}
         self.clients = {
             cid: make_client(cfg, cid, images,
-                             secrets[cid] if cid in secrets else client_secret(secrets_dir, cid))
+                             secrets[cid] if cid in secrets else client_secret(secrets_dir, cid),
+                             meter=self.meter)
             for cid, images in data.clients.items()}
-        for party in [self.server, *self.clients.values()]:
-            party.meter = self.meter
         self.rounds = total_rounds(cfg, [len(d) for d in data.clients.values()])
         self.round = 0
         self.round_bytes: dict[str, int] = {}  # what each client sent the server last round
