@@ -127,6 +127,11 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
     assert zero["cut_index"] == 0 and half["cut_index"] == 10
     assert zero["client_flops"] == 0 and zero["client_flop_share"] == 0
     assert half["client_flop_share"] > 0 and half["client_bytes_sent"] < zero["client_bytes_sent"]
+    # each client's sampling costs are its own: the server denoises as many samples for HT as
+    # for DU, so a meter that kept counting across clients would show HT twice DU's FLOPs
+    half_ht = by_key[("shared-noise", 0.5, 1, "HT")]
+    assert half["server_sampling_flops"] == half_ht["server_sampling_flops"] > 0
+    assert half["client_sampling_flops"] == half_ht["client_sampling_flops"] > 0
     report = (out / REPORT).read_text()
     assert "shared-noise" in report and "estimate" in report and "Privacy audit" in report
     assert "copy the clients' images" in report and "t-intervals over training seeds" in report

@@ -232,7 +232,8 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
     if rows is not None:
         return rows
     ev, seed = cfg.evaluation, spec.seed
-    run = load_run(folder, device=cfg.run.device)
+    meter = CostMeter(energy=ev.energy)  # the parties report their sampling costs here
+    run = load_run(folder, meter=meter, device=cfg.run.device)
     device = str(run.server.device)
     training = json.loads((folder / "summary.json").read_text())["costs"]
     server_train = totals(training, SERVER, TRAINING_PHASES)
@@ -242,9 +243,7 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
     rows = []
     for i, (cid, client) in enumerate(run.clients.items()):
         bar.describe(f"evaluating {spec.label()} client {cid}")
-        meter = CostMeter(energy=ev.energy)
-        for party in (run, run.server, client):
-            party.meter = meter
+        meter.restore([])  # this client's sampling alone (training's costs: summary.json)
         labels = run.labels_for(ev.num_samples)  # every class in turn, for a conditional run
         images, handover = _generate(run, cid, ev.num_samples,
                                      cfg.sample.seed + CLIENT_STRIDE * i + SEED_STRIDE * seed,
