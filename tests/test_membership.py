@@ -155,7 +155,10 @@ def test_matching_keeps_pairs_of_a_small_held_out_set_and_uses_a_candidate_at_mo
     assert len(once) < len(ni) and np.bincount(once).max() == 1
 
 
-PLANTED_T, PLANTED_CUT, PLANTED_SIZE = 20, 2, 16
+# The server of a T = 100 run cut at s = 10: the audit's own levels (t0 = 10, PIA's and SecMI's
+# t = 20, SecMI's step to 22), at 16x16 to keep the planted training short.
+PLANTED_T, PLANTED_CUT, PLANTED_SIZE = 100, 10, 16
+PLANTED_LEVELS = mia.attack_levels(PLANTED_CUT, PLANTED_T, PLANTED_T)
 
 
 def visible(images: ImageSet) -> ImageSet:
@@ -180,9 +183,9 @@ def matched16(lgg):
 
 def reports(model, members, nonmembers):
     scheduler = make_scheduler(PLANTED_T)
-    levels = mia.attack_levels(PLANTED_CUT, PLANTED_T, PLANTED_T)
-    return {name: mia.report(-mia.attack_errors(name, model, scheduler, members, levels),
-                             -mia.attack_errors(name, model, scheduler, nonmembers, levels))
+    return {name: mia.report(-mia.attack_errors(name, model, scheduler, members, PLANTED_LEVELS),
+                             -mia.attack_errors(name, model, scheduler, nonmembers,
+                                                PLANTED_LEVELS))
             for name in mia.ATTACKS}
 
 
@@ -192,31 +195,34 @@ def aucs(model, members, nonmembers):
 
 def test_a_perfect_memoriser_of_64_real_slices_is_seen(matched16):
     """The limit of memorisation: the exact noise predictor of 64 members, on the server's
-    levels t >= s, against matched non-members of the same hospital."""
+    levels t >= s, against matched non-members of the same hospital. Measured: PIA 1.000,
+    loss 0.969, SecMI 0.888 (its round trip is consistent on a non-member too wherever the
+    memoriser's posterior has collapsed onto one member; docs/privacy.md)."""
     members, nonmembers = matched16[0][:64], matched16[1][:64]
     memoriser = exact_predictor(make_scheduler(PLANTED_T), members)
     auc = aucs(memoriser, members, nonmembers)
-    assert auc["pia"] >= 0.95 and auc["loss"] >= 0.85, auc
+    assert auc["pia"] >= 0.99 and auc["loss"] >= 0.95 and auc["secmi"] >= 0.85, auc
     # members and non-members swapped: the same attack reads it backwards
     assert aucs(memoriser, nonmembers, members)["pia"] <= 0.05
 
 
-PLANTED_LEVELS = (2, 6)  # t0 = 2, PIA's t = 4, SecMI's step to 5: the levels the attacks query
-PLANTED_STEPS = 600
+PLANTED_STEPS = 1200
 
 
 def train_planted(members: torch.Tensor, steps: int = PLANTED_STEPS, lr: float = 5e-3):
-    """The tiny server UNet trained on the members alone, full batch, on the levels the attacks
-    query (a server model trained over all its levels memorises far slower: PIA 0.86 after
-    2,400 epochs on t in [2, 20))."""
+    """The tiny server UNet trained on the members alone, full batch, on the three levels the
+    attacks query (t0, t and SecMI's t + k): a server model trained over all its levels
+    memorises far slower (PIA 0.86 after 2,400 epochs on t in [2, 20) of T = 20)."""
     scheduler = make_scheduler(PLANTED_T)
+    queried = torch.tensor([PLANTED_LEVELS.proximal, PLANTED_LEVELS.attack,
+                            PLANTED_LEVELS.attack + PLANTED_LEVELS.interval])
     torch.manual_seed(0)
     net = make_unet("tiny", PLANTED_SIZE)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        t = torch.randint(*PLANTED_LEVELS, (len(members),), generator=g)
+        t = queried[torch.randint(0, len(queried), (len(members),), generator=g)]
         eps = torch.randn(members.shape, generator=g)
         loss = F.mse_loss(predict_noise(net, add_noise(scheduler, members, eps, t), t), eps)
         opt.zero_grad()
@@ -228,15 +234,16 @@ def train_planted(members: torch.Tensor, steps: int = PLANTED_STEPS, lr: float =
 
 @pytest.mark.slow
 def test_a_model_trained_to_memorise_64_slices_is_seen_by_pia(matched16):
-    """A trained planted case: 600 full-batch steps on 64 members (159 s at load 5;
-    20 min with a tenth of a core). Measured: PIA 0.826, loss 0.652, SecMI 0.502; the untrained model's PIA on these 64
-    pairs 0.416. PIA sees the memorisation; SecMI does not at this strength (docs/privacy.md)."""
+    """A trained planted case: 1,200 full-batch steps on 64 members (115 s on 2 quiet cores).
+    Measured: PIA 0.965, loss 0.747, SecMI 0.629; the untrained model on these 64 pairs: PIA
+    0.415, SecMI 0.410, loss 0.506. PIA sees the memorisation at the issue's 0.95; SecMI does
+    not reach it, as it does not on the exact memoriser (0.888; docs/privacy.md)."""
     members, nonmembers = matched16[0][:64], matched16[1][:64]
     model = train_planted(members)
     auc = aucs(model, members, nonmembers)
-    assert auc["pia"] >= 0.8 and auc["loss"] >= 0.6, auc
+    assert auc["pia"] >= 0.95 and auc["loss"] >= 0.65 and auc["secmi"] >= 0.55, auc
     # members and non-members swapped: the same attack reads it backwards
-    assert aucs(model, nonmembers, members)["pia"] <= 0.2
+    assert aucs(model, nonmembers, members)["pia"] <= 0.05
 
 
 @pytest.mark.slow  # every matched pair of the bundled slices through three attacks: ~1 CPU-minute
@@ -247,8 +254,8 @@ def test_untrained_model_and_blind_baseline_are_chance_after_matching(lgg):
     net = make_unet("tiny", PLANTED_SIZE).eval()
     stats = reports(lambda x, t: predict_noise(net, x, t), members, nonmembers)
     stats["blind"] = mia.report(*mia.blind_scores(members, nonmembers))
-    # 477 pairs: 95% intervals about +-0.04 wide. Measured: loss 0.499 [0.465, 0.539], SecMI
-    # 0.505 [0.470, 0.547], PIA 0.489 [0.451, 0.530], blind 0.509 [0.473, 0.539]
+    # 477 pairs: 95% intervals about +-0.04 wide. Measured: loss 0.498 [0.465, 0.534], SecMI
+    # 0.480 [0.444, 0.514], PIA 0.504 [0.469, 0.541], blind 0.509 [0.473, 0.539]
     for name, r in stats.items():
         assert 0.45 <= r["auc"] <= 0.55, (name, r)
         assert r["auc_lo"] <= 0.5 <= r["auc_hi"], (name, r)
