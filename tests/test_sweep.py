@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -59,14 +60,16 @@ def _rounds(folder):
             for ln in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+GRID = {"sweep.protocols": '["shared-noise", "noisy-data"]', "sweep.seeds": "[0, 1]",
+        "sweep.grid": '[{protocol = "noisy-data", cut_ratios = [0.5, 1.0]}]'}
+
+
 @pytest.mark.slow  # trains and scores KID at two cut ratios, two seeds, two protocols
 def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, capsys):
     """2 seeds x 2 cut ratios under both protocols (noisy-data's cut ratios from a
     [[sweep.grid]] entry): a row per (protocol, c, seed, client), each seed its own run;
     an interrupted sweep keeps finished runs and resumes the begun one."""
-    cfg = _sweep_config(**{
-        "sweep.protocols": '["shared-noise", "noisy-data"]', "sweep.seeds": "[0, 1]",
-        "sweep.grid": '[{protocol = "noisy-data", cut_ratios = [0.5, 1.0]}]'})
+    cfg = _sweep_config(**GRID)
     plan = sweep_plan(cfg)
     assert [(s.protocol, s.cut_ratio, s.seed) for s in plan] == [
         ("shared-noise", 0.0, 0), ("shared-noise", 0.5, 0),
@@ -83,6 +86,10 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
     # Interrupt the fourth run inside its training, too.
     begun = run_dir(out, "noisy-data", 1.0, 0)
     run_training(run_config(cfg, plan[3]), begun, stop_after_round=2, progress=False)
+    # Read before it ends: the finished runs alone, the others named at the top of the report.
+    assert len(run_sweep(cfg, out, progress=False, train=False)) == 6
+    partial = (out / REPORT).read_text()
+    assert "A partial sweep:** 5 planned runs" in partial and "noisy-data c=1 seed=0" in partial
 
     rows = run_sweep(cfg, out, progress=True)
 
@@ -107,6 +114,7 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
             "kid_holdout"]
     for name in ("results.csv", "results.json", REPORT, *FIGURES.values()):
         assert (out / name).is_file(), name
+    assert "partial sweep" not in (out / REPORT).read_text()
     assert json.loads((out / "results.json").read_text()) == rows
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -136,6 +144,18 @@ def test_sweep_over_seeds_and_protocols_writes_its_rows_and_resumes(tmp_path, ca
     assert "shared-noise" in report and "estimate" in report and "Privacy audit" in report
     assert "copy the clients' images" in report and "t-intervals over training seeds" in report
     assert "What hiding the noise costs" in report and "| 0.5 | 0, 1 |" in report
+
+    # As committed (results/sweep-cpu, .gitignore): each run's rows and logs without its
+    # weights or secrets. The sweep continues from it without retraining or re-evaluating;
+    # other evaluation settings need the weights, and say so.
+    for spec in plan:
+        folder = run_dir(out, spec.protocol, spec.cut_ratio, spec.seed)
+        (folder / "checkpoint.pt").unlink()
+        shutil.rmtree(folder / "client-secrets")
+    assert run_sweep(cfg, out, progress=False) == rows
+    other = _sweep_config(**{**GRID, "evaluation.num_samples": 5})
+    with pytest.raises(ConfigError, match="no checkpoint here"):
+        run_sweep(other, out, progress=False)
 
 
 @pytest.mark.slow  # trains two runs
@@ -219,25 +239,34 @@ def test_sweep_cli_rejects_bad_seeds(capsys):
 @pytest.mark.slow
 def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     """--train-only trains and evaluates nothing; --evaluate-only evaluates finished runs,
-    wherever they ran (run.device is no part of a run's identity), and trains nothing."""
+    wherever they ran (run.device is no part of a run's identity), and trains nothing; on a
+    partial sweep it evaluates the finished runs and names the others in the report."""
     import collafuse.evaluation.report as report
     import collafuse.evaluation.sweep as sweep
 
     evaluated = []
     monkeypatch.setattr(sweep, "evaluate_run", lambda cfg, spec, folder, cache, bar:
                         evaluated.append((cfg.run.device, folder.name)) or [])
-    monkeypatch.setattr(report, "write_report", lambda out: None)
+    reported = []
+    monkeypatch.setattr(report, "write_report",
+                        lambda out, untrained=(): reported.append(list(untrained)))
     cfg = _sweep_config(**{"run.device": '"cpu"'})
     out = tmp_path / "sweep"
     with pytest.raises(ConfigError, match="no finished training run"):
         run_sweep(cfg, out, progress=False, train=False)
-    run_sweep(cfg, out, progress=False, evaluate=False)
+    run_sweep(cfg, out, progress=False, evaluate=False, max_runs=1)
     assert evaluated == [] and not (out / "results.json").exists()
+    run_sweep(cfg, out, progress=False, train=False)
+    assert evaluated == [("cpu", "c=0-seed=0")]
+    assert reported == [["shared-noise c=0.5 seed=0"]]
+    evaluated.clear(), reported.clear()
+    run_sweep(cfg, out, progress=False, evaluate=False)
     folders = [run_dir(out, "shared-noise", c, 0) for c in (0.0, 0.5)]
     stamps = [(f / "checkpoint.pt").stat().st_mtime_ns for f in folders]
     elsewhere = _sweep_config(**{"run.device": '"auto"'})
     run_sweep(elsewhere, out, progress=False, train=False)
     assert evaluated == [("auto", "c=0-seed=0"), ("auto", "c=0.5-seed=0")]
+    assert reported == [[]]
     assert stamps == [(f / "checkpoint.pt").stat().st_mtime_ns for f in folders]
     with pytest.raises(ConfigError, match="another config"):
         run_sweep(_sweep_config(**{"train.lr": 0.01}), out, progress=False, train=False)

@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--train-only", action="store_true", help="train every cut ratio, "
                        "evaluate nothing (e.g. on a GPU machine without the Inception weights)")
     stage.add_argument("--evaluate-only", action="store_true", help="evaluate the finished "
-                       "runs in --out, trained here or elsewhere; train nothing")
+                       "runs in --out, trained here or elsewhere, and report them (a partial "
+                       "sweep names its missing runs); train nothing")
     sweep.set_defaults(func=_sweep)
 
     export = commands.add_parser("export", help="a trained run as diffusers models (safetensors), "

@@ -35,8 +35,9 @@ REPORT = "report.md"
 PAPER_DISCLOSURE_MSE = {"c=0": 0.087, "c>=0.2": "about 1.0 to 1.07"}
 
 
-def write_report(out: str | Path) -> Path:
-    """Draw every figure and write report.md into the sweep folder ``out``."""
+def write_report(out: str | Path, untrained: list[str] = ()) -> Path:
+    """Draw every figure and write report.md into the sweep folder ``out``; ``untrained``
+    names the planned runs that are not in it yet (a partial sweep)."""
     out = Path(out)
     rows = json.loads((out / "results.json").read_text())
     if rows:
@@ -46,14 +47,14 @@ def write_report(out: str | Path) -> Path:
         plot_costs(main, out / FIGURES["costs"])
         plot_trajectories(out, main, out / FIGURES["trajectory"])
     path = out / REPORT
-    write_text(path, render(rows, out))
+    write_text(path, render(rows, out, untrained))
     return path
 
 
 # ---------------------------------------------------------------- the report
 
 
-def render(rows: list[dict], out: Path) -> str:
+def render(rows: list[dict], out: Path, untrained: list[str] = ()) -> str:
     if not rows:
         return "# CollaFuse cut-ratio sweep\n\nNo run has been evaluated yet.\n"
     main = protocol_rows(rows)
@@ -70,6 +71,9 @@ def render(rows: list[dict], out: Path) -> str:
         f"{rows[0]['num_samples']} generated images per client and run. Shared-noise is the "
         "paper's protocol (the server sees x_t, t and the noise); noisy-data hides the noise "
         "(docs/design.md section 3).",
+        *([] if not untrained else [
+            f"**A partial sweep:** {len(untrained)} planned runs are not trained yet "
+            f"({', '.join(untrained)}); every figure and verdict below is on the runs above."]),
         ("KID is clean-fid's (its resize and its `kernel_distance`, checked in the tests). A "
          "training seed is a whole run and its own evaluation; each seed's value is the mean "
          "over clients. **Intervals are 95% Student t-intervals over training seeds** (n - 1 "
@@ -225,7 +229,9 @@ def _cost(rows) -> str:
 
 
 def _series(cs, values, fmt="{:.4f}") -> str:
-    return ", ".join(f"c={c:g}: {fmt.format(v)}" for c, v in zip(cs, values))
+    """``c=0.2: 0.0310, ...``; n/a where a c has no value (e.g. the server's view at c = 1)."""
+    return ", ".join(f"c={c:g}: {fmt.format(v) if np.isfinite(v) else 'n/a'}"
+                     for c, v in zip(cs, values))
 
 
 def kid_seed_table(rows: list[dict], protocol: str) -> str:

@@ -40,7 +40,7 @@ import torch
 from ..config import Config, ConfigError, from_dict, load_config
 from ..data import patient_ids, split_holdout, to_model, to_uint8
 from ..diffusion import tweedie_from_view
-from ..engines.local import METRICS, load_run, run_training
+from ..engines.local import CHECKPOINT, METRICS, load_run, run_training
 from ..metering import SERVER, client_party, totals
 from ..state import save_npz, write_text
 from ..tracking import log_sweep_rows
@@ -118,19 +118,27 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
 
     ``max_runs`` stops after that many runs, as an interruption would; a later call with the
     same ``out`` continues. ``train=False`` evaluates runs trained before, perhaps on another
-    machine (each must be finished); ``evaluate=False`` only trains (for a machine without the
-    Inception weights), and writes no results.
+    machine: the finished ones, naming the others in the report (an error if none is
+    finished); ``evaluate=False`` only trains (for a machine without the Inception weights),
+    and writes no results.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.toml", cfg.to_toml())
     plan = sweep_plan(cfg)[:max_runs]
+    untrained: list[SweepRun] = []
     if not train:
-        for spec in plan:
-            if not _finished(cfg, spec, run_dir(out, *_key(spec))):
-                raise ConfigError(f"{run_dir(out, *_key(spec))}: no finished training run to "
-                                  "evaluate; train it first (collafuse sweep without "
-                                  "--evaluate-only)")
+        # A sweep of hours is often read before it ends: evaluate and report the finished
+        # runs, and name the others (on screen and in report.md), but never report nothing.
+        untrained = [s for s in plan if not _finished(cfg, s, run_dir(out, *_key(s)))]
+        if len(untrained) == len(plan):
+            raise ConfigError(f"{out}: no finished training run to evaluate; train first "
+                              "(collafuse sweep without --evaluate-only)")
+        if untrained and progress:
+            print(f"sweep: evaluating {len(plan) - len(untrained)} of {len(plan)} planned "
+                  f"runs; not trained yet: {', '.join(s.label() for s in untrained)}",
+                  flush=True)
+        plan = [s for s in plan if s not in untrained]
     if progress and any(s.protocol == "noisy-data" and s.cut_ratio == 0.0 for s in plan):
         print(NOISY_DATA_AT_ZERO, flush=True)
     projection = _project(cfg, out, plan, train, evaluate) if progress else None
@@ -149,7 +157,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
 
         write_results(out, rows)
         log_sweep_rows(out, rows)  # TensorBoard (collafuse.tracking)
-        write_report(out)
+        write_report(out, untrained=[s.label() for s in untrained])
     return rows
 
 
@@ -231,6 +239,11 @@ def evaluate_run(cfg: Config, spec: SweepRun, folder: Path, cache: Path,
     rows = evaluated(cfg, spec, folder)
     if rows is not None:
         return rows
+    if not (folder / CHECKPOINT).is_file():
+        raise ConfigError(f"{folder}: no checkpoint here (a committed sweep folder keeps each "
+                          "run's rows, not its weights), and its rows were evaluated under "
+                          "other [evaluation] settings: evaluate with those, or delete the run "
+                          "folder to train it again")
     ev, seed = cfg.evaluation, spec.seed
     meter = CostMeter(energy=ev.energy)  # the parties report their sampling costs here
     run = load_run(folder, meter=meter, device=cfg.run.device)
