@@ -259,7 +259,8 @@ def test_train_here_evaluate_elsewhere(tmp_path, monkeypatch):
     run_sweep(cfg, out, progress=False, train=False)
     assert evaluated == [("cpu", "c=0-seed=0")]
     assert reported == [["shared-noise c=0.5 seed=0"]]
-    evaluated.clear(), reported.clear()
+    evaluated.clear()
+    reported.clear()
     run_sweep(cfg, out, progress=False, evaluate=False)
     folders = [run_dir(out, "shared-noise", c, 0) for c in (0.0, 0.5)]
     stamps = [(f / "checkpoint.pt").stat().st_mtime_ns for f in folders]

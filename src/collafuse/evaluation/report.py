@@ -13,6 +13,7 @@ by seed, in a table of its own.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ REPORT = "report.md"
 PAPER_DISCLOSURE_MSE = {"c=0": 0.087, "c>=0.2": "about 1.0 to 1.07"}
 
 
-def write_report(out: str | Path, untrained: list[str] = ()) -> Path:
+def write_report(out: str | Path, untrained: Sequence[str] = ()) -> Path:
     """Draw every figure and write report.md into the sweep folder ``out``; ``untrained``
     names the planned runs that are not in it yet (a partial sweep)."""
     out = Path(out)
@@ -54,7 +55,7 @@ def write_report(out: str | Path, untrained: list[str] = ()) -> Path:
 # ---------------------------------------------------------------- the report
 
 
-def render(rows: list[dict], out: Path, untrained: list[str] = ()) -> str:
+def render(rows: list[dict], out: Path, untrained: Sequence[str] = ()) -> str:
     if not rows:
         return "# CollaFuse cut-ratio sweep\n\nNo run has been evaluated yet.\n"
     main = protocol_rows(rows)

@@ -126,19 +126,19 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.toml", cfg.to_toml())
     plan = sweep_plan(cfg)[:max_runs]
-    untrained: list[SweepRun] = []
+    untrained: list[str] = []  # labels of the planned runs not trained yet
     if not train:
         # A sweep of hours is often read before it ends: evaluate and report the finished
         # runs, and name the others (on screen and in report.md), but never report nothing.
-        untrained = [s for s in plan if not _finished(cfg, s, run_dir(out, *_key(s)))]
-        if len(untrained) == len(plan):
+        finished = [s for s in plan if _finished(cfg, s, run_dir(out, *_key(s)))]
+        if not finished:
             raise ConfigError(f"{out}: no finished training run to evaluate; train first "
                               "(collafuse sweep without --evaluate-only)")
+        untrained = [s.label() for s in plan if s not in finished]
         if untrained and progress:
-            print(f"sweep: evaluating {len(plan) - len(untrained)} of {len(plan)} planned "
-                  f"runs; not trained yet: {', '.join(s.label() for s in untrained)}",
-                  flush=True)
-        plan = [s for s in plan if s not in untrained]
+            print(f"sweep: evaluating {len(finished)} of {len(plan)} planned runs; not "
+                  f"trained yet: {', '.join(untrained)}", flush=True)
+        plan = finished
     if progress and any(s.protocol == "noisy-data" and s.cut_ratio == 0.0 for s in plan):
         print(NOISY_DATA_AT_ZERO, flush=True)
     projection = _project(cfg, out, plan, train, evaluate) if progress else None
@@ -157,7 +157,7 @@ def run_sweep(cfg: Config, out: str | Path, progress: bool = True,
 
         write_results(out, rows)
         log_sweep_rows(out, rows)  # TensorBoard (collafuse.tracking)
-        write_report(out, untrained=[s.label() for s in untrained])
+        write_report(out, untrained=untrained)
     return rows
 
 
