@@ -367,6 +367,25 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     assert "| 0.5 | shared-noise | counterfactual | - | - |" in table
     assert (tmp_path / TRADEOFF_FIGURE).stat().st_size > 0
 
+    # A sweep whose runs were audited one by one (their weights are not kept): the report
+    # gathers each run folder's privacy.json and membership.json into one table.
+    from collafuse.evaluation.report import privacy_section
+    from collafuse.privacy.membership_audit import strongest
+    for name in ("privacy.json", "membership.json"):
+        (tmp_path / "c=0.5" / name).write_text((tmp_path / name).read_text())
+    (tmp_path / "privacy.md").unlink()
+    section = privacy_section(tmp_path)
+    assert section.startswith("## Privacy audit") and "### Audits of the sweep's runs" in section
+    line = next(ln for ln in section.splitlines() if ln.startswith("| noisy-data | 0.5 | 0 |"))
+    a_gain = np.mean([r["a_gain_db"] for r in rows if r["protocol"] == "noisy-data"])
+    assert f"| {a_gain:+.3g} |" in line
+    best = {s["target"]: s for s in strongest(member_rows)}
+    cells = line.strip("| ").split(" | ")
+    for target, cell in zip(("server", "client", "samples"), cells[-3:]):
+        s = best[target]
+        assert cell.startswith(f"{s['attack']} {100 * s['over_blind']:+.1f} pt (TPR "
+                               f"{100 * s['tpr_1']:.1f}%") and f"AUC {s['auc']:.2f})" in cell
+
 
 @pytest.mark.slow
 def test_audit_attacks_what_a_hospital_exports(tmp_path, tiny_config):

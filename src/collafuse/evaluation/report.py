@@ -315,6 +315,11 @@ def privacy_section(out: Path) -> str:
     """
     md = Path(out) / "privacy.md"
     if not md.is_file():
+        from ..privacy.audit import run_audits_markdown  # the audit imports this module
+
+        per_run = run_audits_markdown(out)
+        if per_run is not None:
+            return "## Privacy audit\n\n#" + per_run
         return ("## Privacy audit\n\nNot run for this sweep: `collafuse audit "
                 f"{out}` adds what the server can reconstruct or infer, per cut ratio.")
     body = md.read_text().strip()

@@ -366,6 +366,53 @@ def load_privacy_rows(path: str | Path) -> list[dict]:
              for k, v in row.items()} for row in rows]
 
 
+def run_audits_markdown(sweep_dir: str | Path) -> str | None:
+    """One table over the runs of a sweep folder audited one by one (`collafuse audit RUN`
+    writes privacy.json and membership.json into the run's folder, as soon as the run is
+    trained; a committed sweep keeps no weights to audit later): per protocol, c and seed,
+    the reconstruction gains of the trained protocol and the strongest membership attack on
+    each target. None where no run folder holds both files."""
+    from ..config import load_config
+    from .membership_audit import strongest
+
+    folders = sorted({p.parent for pattern in ("*/membership.json", "*/*/membership.json")
+                      for p in Path(sweep_dir).glob(pattern)
+                      if (p.parent / "privacy.json").is_file()})
+    if not folders:
+        return None
+    entries = []
+    for folder in folders:
+        recon = next(r for r in summary(load_privacy_rows(folder)) if r["trained"])
+        member_rows = json.loads((folder / "membership.json").read_text())["rows"]
+        entries.append((PROTOCOLS.index(recon["run_protocol"]), recon["cut_ratio"],
+                        load_config(folder / "config.toml").run.seed, recon,
+                        {s["target"]: s for s in strongest(member_rows)}))
+    lines = ["## Audits of the sweep's runs", "",
+             ("`collafuse audit <run folder> -n N` on each trained run (its privacy.md and "
+              "membership.json lie in the run's folder). a, b: gain in dB over guessing the "
+              "hospital's mean image (a: from the messages alone; b: the server's model as a "
+              "denoiser). Membership: per target the attack with the largest TPR at 1% FPR, "
+              "mean over clients weighted by matched pairs, as points above the blind "
+              "baseline (a classifier on the images alone), with the TPR's 95% bootstrap "
+              "interval and the attack's AUC; '-': the party owns no level to attack."), "",
+             "| protocol | c | seed | a gain dB | b gain dB | blind TPR@1% | server's model "
+             "| client's model | samples |", "|---|---|---|---|---|---|---|---|---|"]
+    for index, c, seed, recon, strong in sorted(entries, key=lambda e: e[:3]):
+        blind = next(iter(strong.values()))["blind_tpr_1"] if strong else math.nan
+        lines.append(f"| {PROTOCOLS[index]} | {c:g} | {seed} | {_gain(recon['a_gain_db'])} | "
+                     f"{_gain(recon['b_gain_db'])} | {100 * blind:.1f}% | " + " | ".join(
+                         _strongest_cell(strong.get(t)) for t in ("server", "client",
+                                                                 "samples")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _strongest_cell(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    return (f"{s['attack']} {100 * s['over_blind']:+.1f} pt (TPR {100 * s['tpr_1']:.1f}% "
+            f"[{100 * s['tpr_1_lo']:.1f}, {100 * s['tpr_1_hi']:.1f}], AUC {s['auc']:.2f})")
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Client-averaged figures per (run, cut ratio, protocol), in cut-ratio order."""
     keys = sorted({(r["run"], r["cut_ratio"], r["protocol"], r["run_protocol"]) for r in rows},
