@@ -351,6 +351,22 @@ def test_cost_meter_without_energy():
             pass
 
 
+def test_cost_meter_counts_a_flops_key_once():
+    meter = costs.CostMeter(energy=False)
+    layer = torch.nn.Linear(16, 8)
+    for rows in (4, 4, 6):
+        with meter.measure("client:DU", "training", flops_key=(rows,)):
+            layer(torch.randn(rows, 16))
+    # a key names what fixes the FLOPs; a block under a known key adds the first one's count
+    # without counting, so a block that breaks that promise is not noticed:
+    with meter.measure("client:DU", "training", flops_key=(4,)):
+        layer(torch.randn(100, 16))
+    with meter.measure("client:DU", "training", flops_key=(4,), count_flops=False):
+        layer(torch.randn(4, 16))
+    training = next(r for r in meter.rows() if r["phase"] == "training")
+    assert training["flops"] == 2 * 16 * 8 * (4 + 4 + 6 + 4)
+
+
 def test_cost_meter_energy_offline(monkeypatch):
     # codecarbon swallows exceptions, so record connection attempts rather than rely on errors.
     attempts = []

@@ -40,6 +40,24 @@ def test_client_flop_share_falls_as_cut_ratio_falls(tiny_config, tmp_path):
     assert shares[0] > shares[1] > shares[2] > 0
 
 
+def test_flops_keys_count_what_counting_every_block_counts(tiny_config, tmp_path):
+    """The parties' FLOP keys (CostMeter.measure's flops_key) name all that fixes a block's
+    FLOPs: a run metered with them counts what a meter counting every block counts."""
+    class EveryBlock(CostMeter):
+        def measure(self, party, phase, count_flops=True, flops_key=None):
+            return super().measure(party, phase, count_flops)
+
+    secrets = {cid: bytes([i]) * 32 for i, cid in enumerate(("DU", "HT"))}
+    flops = []
+    for name, meter in (("keyed", CostMeter(energy=False)), ("every", EveryBlock(energy=False))):
+        cfg = tiny_config(**{"diffusion.cut_ratio": 0.5, "train.steps": 6,
+                             "train.local_steps": 2, "train.local_batch_size": 3})
+        run_training(cfg, tmp_path / name, progress=False, meter=meter, secrets=secrets)
+        flops.append({(r["party"], r["phase"]): r["flops"] for r in meter.rows()})
+    assert flops[0] == flops[1] and flops[0][("server", "training")] > 0
+    assert flops[0][("client:DU", "training")] > 0
+
+
 def _sweep_config(**extra):
     values = {
         "sweep.cut_ratios": "[0.0, 0.5]",

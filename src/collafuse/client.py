@@ -127,7 +127,9 @@ class Client(Party):
             message = server_message(self.protocol, self.client_id, x_t, t[sent], eps[rows],
                                      views, self.cut, labels[sent] if self.send_labels else None)
         if bool(own.any()):
-            with self.meter.measure(self.name, "training"):
+            # FLOPs: one forward and backward of the model at this many rows (CostMeter)
+            with self.meter.measure(self.name, "training",
+                                    flops_key=(len(own_rows), labels is None)):
                 own_labels = None if labels is None else self._drop_labels(labels[own])
                 self._optimise(local_loss(lambda x_t, t_own: self._eps(x_t, t_own, own_labels),
                                           self.scheduler, x0[own_rows], t[own], eps[own_rows],
@@ -145,7 +147,9 @@ class Client(Party):
         give it more updates at no cost to the server and no message."""
         if self.cut == 0:  # c = 0: the client owns no level
             return
-        with self.meter.measure(self.name, "training"):
+        with self.meter.measure(self.name, "training",
+                                flops_key=(min(self.local_batch_size, len(self.images)),
+                                           self.labels is None)):
             idx = self._next_indices(self.local_batch_size)
             t = torch.randint(0, self.cut, (len(idx),), generator=self.generator)
             x0 = self._images[self.place.put(idx)]

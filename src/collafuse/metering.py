@@ -27,7 +27,8 @@ class NullMeter:
     """Measures nothing; a Party's default, so a party without an engine costs nothing extra."""
 
     @contextmanager
-    def measure(self, party: str, phase: str, count_flops: bool = True) -> Iterator[None]:
+    def measure(self, party: str, phase: str, count_flops: bool = True,
+                flops_key: tuple | None = None) -> Iterator[None]:
         yield
 
     def add_bytes(self, party: str, sent: int = 0, received: int = 0,
@@ -53,7 +54,8 @@ class WallMeter:
             "bytes_received": 0, "energy_kwh": None})
 
     @contextmanager
-    def measure(self, party: str, phase: str, count_flops: bool = True) -> Iterator[None]:
+    def measure(self, party: str, phase: str, count_flops: bool = True,
+                flops_key: tuple | None = None) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield

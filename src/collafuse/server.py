@@ -80,7 +80,8 @@ class Server(Party):
         if not messages:
             return None
         self.steps += 1
-        with self.meter.measure(self.name, "training"):
+        rows = sum(m.batch_size for m in messages)
+        with self.meter.measure(self.name, "training", flops_key=(rows, self.num_classes)):
             labels = self._training_labels(messages) if self.num_classes else None
             return self._optimise(server_loss(self.protocol,
                                               lambda x_t, t: self._eps(x_t, t, labels),
