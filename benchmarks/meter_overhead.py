@@ -7,7 +7,8 @@ alike, and the script prints seconds a round and each one's ratio to no meter:
 
 - ``none``: the parties' default meter, which measures nothing (what the sweep's pace uses);
 - ``keyed``: CostMeter as the sweep uses it: each (party, phase, flops_key) counted once;
-- ``every block``: CostMeter counting every block's FLOPs, as before flops_key existed.
+- ``every block``: ``CostMeter(reuse_flops=False)``, every block's FLOPs counted, as before
+  flops_key existed.
 
     python benchmarks/meter_overhead.py [--blocks 2] [--rounds 8] [--warmup 20] [--protocol noisy-data]
 
@@ -26,13 +27,6 @@ from collafuse.engines.local import Run
 from collafuse.evaluation.costs import CostMeter
 
 
-class EveryBlock(CostMeter):
-    """CostMeter counting every block's FLOPs (its flops_key ignored)."""
-
-    def measure(self, party, phase, count_flops=True, flops_key=None):
-        return super().measure(party, phase, count_flops)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=2, help="alternating measurement blocks")
@@ -44,8 +38,9 @@ def main() -> None:
 
     cfg = load_config("configs/sweep.toml", [f"diffusion.cut_ratio={args.cut_ratio}",
                                              f'train.protocol="{args.protocol}"'])
-    runs = {"none": Run(cfg), "keyed": Run(cfg, CostMeter(energy=cfg.evaluation.energy)),
-            "every block": Run(cfg, EveryBlock(energy=cfg.evaluation.energy))}
+    energy = cfg.evaluation.energy
+    runs = {"none": Run(cfg), "keyed": Run(cfg, CostMeter(energy=energy)),
+            "every block": Run(cfg, CostMeter(energy=energy, reuse_flops=False))}
     print(f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}, load average "
           f"{os.getloadavg()[0]:.2f}; configs/sweep.toml at c = {args.cut_ratio}, "
           f"{args.protocol}; warm-up {args.warmup} rounds, {args.blocks} blocks of "

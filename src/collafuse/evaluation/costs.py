@@ -53,12 +53,14 @@ class CostMeter:
     doubled a CPU training round of the lean UNet at batch 16 (4.2 s against 2.0 s, 1 thread).
     A block whose FLOPs are fixed by a few numbers (a model's forward and backward at one batch
     size) passes them as ``flops_key``: the first block of each (party, phase, key) is counted,
-    later ones add that count without the hook.
+    later ones add that count without the hook (``reuse_flops=False``: every block counted,
+    the reference the tests and benchmarks/meter_overhead.py compare with).
     """
 
     def __init__(self, energy: bool = True, country_iso_code: str = "DEU",
-                 tracking_mode: str = "process"):
+                 tracking_mode: str = "process", reuse_flops: bool = True):
         self._costs: dict[tuple[str, str], _Cost] = {}
+        self._reuse_flops = reuse_flops
         self._flops_of: dict[tuple, int] = {}  # (party, phase, flops_key) -> FLOPs counted
         self._open = False
         self._energy = energy
@@ -99,6 +101,8 @@ class CostMeter:
             raise RuntimeError("CostMeter.measure blocks cannot nest (time and energy would count twice)")
         self._open = True
         tracker = self._get_tracker() if self._energy else None
+        if not self._reuse_flops:
+            flops_key = None
         known = None if flops_key is None else self._flops_of.get((party, phase, flops_key))
         counter = FlopCounterMode(display=False) if count_flops and known is None else None
         try:
