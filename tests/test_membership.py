@@ -80,6 +80,16 @@ def test_tpr_at_low_fpr_against_a_hand_computed_roc():
     assert r["tpr_1_lo"] < r["tpr_1_hi"]  # four members: a wide interval
 
 
+def test_flagged_slices_are_counted_per_patient_at_the_1pct_threshold():
+    nonmembers = np.arange(1000.0)  # 1% FPR: threshold 989, as in the test above
+    members = np.array([995.0, 999.5, 2000.0, 0.0, 990.0, 989.0])
+    patients = np.array(["A", "B", "A", "B", "C", "C"])
+    assert mia.flagged_by_patient(members, nonmembers, patients) == [
+        ("A", 2, 2), ("B", 1, 2), ("C", 1, 2)]  # 989 itself is not above the threshold
+    flagged = sum(k for _, k, _ in mia.flagged_by_patient(members, nonmembers, patients))
+    assert flagged / len(members) == mia.report(members, nonmembers)["tpr_1"]
+
+
 def test_calibration_is_the_log_error_ratio():
     np.testing.assert_allclose(mia.calibrated([1.0, 2.0], [2.0, 2.0]), [np.log(2), 0.0])
     assert np.isfinite(mia.calibrated([0.0], [1.0])).all()

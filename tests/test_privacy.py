@@ -1,5 +1,6 @@
 """Privacy audit: the attacks do what they claim, the accounting matches closed forms."""
 
+import csv
 import json
 import math
 import os
@@ -332,8 +333,21 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
                 assert (client, target, attack) in attacks_seen
         assert {(client, "none", "blind"), (client, "samples", "nearest generated")} <= \
             attacks_seen
+    scores = list(csv.DictReader(open(tmp_path / "membership-scores.csv")))
     for r in member_rows:
         assert 0 <= r["auc_lo"] <= r["auc"] <= r["auc_hi"] <= 1
+        # every row's per-image scores are written, members and non-members apart, and the
+        # flagged member slices by patient add up to its TPR at 1% FPR
+        mine = [s for s in scores if (s["client"], s["target"], s["attack"]) ==
+                (r["client"], r["target"], r["attack"])]
+        assert sum(s["member"] == "1" for s in mine) == r["num_members"]
+        assert sum(s["member"] == "0" for s in mine) == r["num_nonmembers"]
+        assert all(s["patient"] for s in mine)
+        pos = [float(s["score"]) for s in mine if s["member"] == "1"]
+        neg = [float(s["score"]) for s in mine if s["member"] == "0"]
+        assert attacks.tpr_at_fpr(pos, neg) == pytest.approx(r["tpr_1"])
+        assert 0 <= r["flagged_patients"] <= r["member_patients"]
+        assert (r["flagged_patients"] > 0) == (r["tpr_1"] > 0) == bool(r["top_flagged"])
         assert r["over_blind"] == pytest.approx(r["tpr_1"] - next(
             b["tpr_1"] for b in member_rows if b["client"] == r["client"]
             and b["attack"] == "blind"))
@@ -356,6 +370,7 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     assert "| 0.5 | 10 | noisy-data | trained |" in md
     assert "(untrained " in md and "n/a: exact from eps" in md
     assert "## Membership inference (matched non-members, blind baseline)" in md
+    assert "Which patients the strongest attack flags at 1% FPR" in md
     assert (tmp_path / "privacy.csv").read_text().startswith("run,cut_ratio")
     assert main(["audit", str(tmp_path / "nothing")]) == 2
 

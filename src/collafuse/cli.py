@@ -288,7 +288,7 @@ def _audit(args) -> None:
           reference_rounds=rounds, export_dir=args.export, samples_dir=args.samples)
     out = args.out or args.run_dir
     print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json, membership.csv, "
-          "membership.json)")
+          "membership.json, membership-scores.csv)")
 
 
 def _seed_list(text: str) -> list[int]:

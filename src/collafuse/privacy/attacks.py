@@ -225,18 +225,24 @@ def roc_auc(member_scores, nonmember_scores) -> float:
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
-    """The largest true-positive rate at a threshold that flags at most ``fpr`` of non-members.
-
-    Flag "member" when score > thr; with n0 non-members at most floor(fpr n0) may exceed thr,
-    so thr is the (floor(fpr n0) + 1)-th largest non-member score.
-    """
-    pos, neg = np.asarray(member_scores, float), np.sort(np.asarray(nonmember_scores, float))[::-1]
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("tpr_at_fpr: need at least one member and one non-member score")
+def fpr_threshold(nonmember_scores, fpr: float = 0.01) -> float:
+    """The lowest threshold that flags (score > threshold) at most ``fpr`` of non-members:
+    with n0 non-members at most floor(fpr n0) may exceed it, so it is the
+    (floor(fpr n0) + 1)-th largest non-member score."""
+    neg = np.sort(np.asarray(nonmember_scores, float))[::-1]
+    if len(neg) == 0:
+        raise ValueError("fpr_threshold: need at least one non-member score")
     allowed = int(np.floor(fpr * len(neg)))
-    threshold = neg[allowed] if allowed < len(neg) else -np.inf
-    return float(np.mean(pos > threshold))
+    return float(neg[allowed]) if allowed < len(neg) else -np.inf
+
+
+def tpr_at_fpr(member_scores, nonmember_scores, fpr: float = 0.01) -> float:
+    """The largest true-positive rate at a threshold that flags at most ``fpr`` of non-members
+    (:func:`fpr_threshold`)."""
+    pos = np.asarray(member_scores, float)
+    if len(pos) == 0 or len(nonmember_scores) == 0:
+        raise ValueError("tpr_at_fpr: need at least one member and one non-member score")
+    return float(np.mean(pos > fpr_threshold(nonmember_scores, fpr)))
 
 
 def membership_attack(member_losses, nonmember_losses, fpr: float = 0.01) -> dict[str, float]:

@@ -47,7 +47,7 @@ from .membership_audit import DEFAULT_REFERENCE_ROUNDS, membership_markdown, mem
 AVERAGING_KS = (1, 2, 4, 8, 16, 32, 64)
 REPLAY_OFFSETS = range(-4, 5)  # seed + k: how far the server looks around each derived seed
 FILES = ("privacy.csv", "privacy.json", "privacy.md",
-         "membership.csv", "membership.json")
+         "membership.csv", "membership.json", "membership-scores.csv")
 SAME_HOSPITAL = "same-hospital patients"
 R_NOT_NEEDED = "not needed: exact from eps"
 
@@ -265,9 +265,11 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
             raise ValueError(f"{name} {folder}: no such folder")
     rows = [row for run_dir in runs
             for row in audit_run(run_dir, num_images, seed, delta, progress, device)]
+    scores: list[dict] = []
     member_rows = [row for run_dir in runs
                    for row in membership_rows(run_dir, num_images, seed, reference_rounds,
-                                              progress, device, export_dir, samples_dir)]
+                                              progress, device, export_dir, samples_dir,
+                                              scores)]
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "privacy.csv", to_csv(rows))
@@ -275,6 +277,7 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
         {"delta": delta, "num_images": num_images, "seed": seed, "rows": _jsonable(rows)},
         indent=2, allow_nan=False))
     write_text(out / "membership.csv", to_csv(member_rows))
+    write_text(out / "membership-scores.csv", to_csv(scores))
     write_text(out / "membership.json", json.dumps(
         {"num_images": num_images, "seed": seed, "reference_rounds": reference_rounds,
          "rows": _jsonable(member_rows)}, indent=2, allow_nan=False))

@@ -42,7 +42,7 @@ from diffusers import DDPMScheduler
 from ..data import ImageSet, to_model
 from ..diffusion import Denoiser, add_noise, ddim_move
 from ..evaluation.metrics import nearest_neighbour_mse
-from .attacks import membership_losses, roc_auc, score_timesteps, tpr_at_fpr
+from .attacks import fpr_threshold, membership_losses, roc_auc, score_timesteps, tpr_at_fpr
 
 FPRS = (0.01, 0.001)
 ATTACKS = ("loss", "secmi", "pia")
@@ -188,6 +188,19 @@ def report(member_scores, nonmember_scores, num_boot: int = 200, seed: int = 0,
     for i, (name, value) in enumerate(zip(names, stats(pos, neg))):
         out.update({name: value, f"{name}_lo": float(lo[i]), f"{name}_hi": float(hi[i])})
     return out
+
+
+def flagged_by_patient(member_scores, nonmember_scores, member_patients,
+                       fpr: float = 0.01) -> list[tuple[str, int, int]]:
+    """(patient, flagged slices, slices) of each member patient, most flagged first: a slice is
+    flagged where its score exceeds the threshold of TPR at ``fpr`` FPR
+    (:func:`collafuse.privacy.attacks.fpr_threshold`). Tells a TPR made of a few patients
+    exposed wholly from one spread thinly over many."""
+    flagged = np.asarray(member_scores, float) > fpr_threshold(nonmember_scores, fpr)
+    patients = np.asarray(member_patients).astype(str)
+    out = [(p, int(flagged[patients == p].sum()), int((patients == p).sum()))
+           for p in np.unique(patients)]
+    return sorted(out, key=lambda r: (-r[1], r[0]))
 
 
 # ------------------------------------------------------------------------- blind baseline

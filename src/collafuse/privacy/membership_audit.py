@@ -86,7 +86,7 @@ def _rows_for(target: str, levels, models: dict, scheduler, members, nonmembers,
             stats = mia.report(pos, neg, seed=seed)
             rows.append({"target": target, "attack": attack, "levels": desc,
                          "reference": reference, "untrained_auc": untrained, **stats,
-                         "over_blind": stats["tpr_1"] - blind_tpr})
+                         "over_blind": stats["tpr_1"] - blind_tpr, "scores": (pos, neg)})
     return rows
 
 
@@ -123,21 +123,49 @@ def published_samples(samples_dir: str | Path, image_size: int, channels: int) -
 
 def _sample_row(target: str, samples: torch.Tensor, members, nonmembers, seed,
                 blind_tpr: float) -> dict:
-    stats = mia.report(mia.sample_distance_scores(samples, members),
-                       mia.sample_distance_scores(samples, nonmembers), seed=seed)
+    scores = (mia.sample_distance_scores(samples, members),
+              mia.sample_distance_scores(samples, nonmembers))
+    stats = mia.report(*scores, seed=seed)
     return {"target": target, "attack": "nearest generated", **stats,
             "levels": f"{len(samples)} generated images",
-            "over_blind": stats["tpr_1"] - blind_tpr}
+            "over_blind": stats["tpr_1"] - blind_tpr, "scores": scores}
+
+
+def _examples(images: ImageSet, index: np.ndarray) -> dict[str, list]:
+    """The patient and slice of each chosen image, as the per-example scores name them."""
+    return {key: images.meta[key][index].tolist() if key in images.meta else [""] * len(index)
+            for key in ("patient", "slice_index")}
+
+
+def _by_patient(row: dict, members: dict, nonmembers: dict, scores: list | None) -> dict:
+    """Take a row's per-example scores out: into ``scores`` (one record per image, where a
+    list is given) and, on the row, which member patients the 1%-FPR threshold flags."""
+    pos, neg = row.pop("scores")
+    flagged = mia.flagged_by_patient(pos, neg, members["patient"])
+    top = [f"{p} {k}/{n}" for p, k, n in flagged[:3] if k > 0]
+    row.update({"member_patients": len(flagged),
+                "flagged_patients": sum(k > 0 for _, k, _ in flagged),
+                "top_flagged": "; ".join(top)})
+    if scores is not None:
+        for member, values, who in ((1, pos, members), (0, neg, nonmembers)):
+            scores += [{"target": row["target"], "attack": row["attack"], "member": member,
+                        "patient": str(who["patient"][i]), "slice_index": who["slice_index"][i],
+                        "score": float(values[i])} for i in range(len(values))]
+    return row
 
 
 def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                     reference_rounds: int = DEFAULT_REFERENCE_ROUNDS, progress: bool = True,
                     device: str | None = None, export_dir: str | Path | None = None,
-                    samples_dir: str | Path | None = None) -> list[dict]:
+                    samples_dir: str | Path | None = None,
+                    scores: list | None = None) -> list[dict]:
     """The membership rows of one run folder (see the module's docstring); with
     ``export_dir`` (a ``collafuse export`` of the run) also target ``client (exported)``, its
     client models; with ``samples_dir`` (a ``collafuse sample --export`` folder) also target
-    ``samples (published)``, the sample-based attack on those images."""
+    ``samples (published)``, the sample-based attack on those images. Each row names the
+    member patients its 1%-FPR threshold flags (``flagged_patients`` of ``member_patients``,
+    ``top_flagged``); a ``scores`` list receives every image's score (patient, slice,
+    member or not)."""
     from ..engines.local import load_run
     from ..factory import load_client_data, make_client, make_server
     from .audit import nonmember_set
@@ -179,14 +207,19 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
             raise ValueError(f"{run_dir}: client {cid}: fewer than 2 matched non-members")
         members, nonmembers = client.images[torch.from_numpy(mi)], \
             to_model(candidates.images[ni])
-        blind = mia.report(*mia.blind_scores(members, nonmembers, seed=seed), seed=seed)
+        blind_scores = mia.blind_scores(members, nonmembers, seed=seed)
+        blind = mia.report(*blind_scores, seed=seed)
         ri, rn = mia.random_nonmembers(data.clients[cid], candidates, len(mi), seed)
-        unmatched = mia.report(*mia.blind_scores(client.images[torch.from_numpy(ri)],
-                                                 to_model(candidates.images[rn]), seed=seed),
-                               seed=seed)
-        client_rows = [{"target": "none", "attack": "blind", **blind, "over_blind": 0.0},
+        unmatched_scores = mia.blind_scores(client.images[torch.from_numpy(ri)],
+                                            to_model(candidates.images[rn]), seed=seed)
+        unmatched = mia.report(*unmatched_scores, seed=seed)
+        client_rows = [{"target": "none", "attack": "blind", **blind, "over_blind": 0.0,
+                        "scores": blind_scores},
                        {"target": "none", "attack": "blind (unmatched)", **unmatched,
-                        "over_blind": unmatched["tpr_1"] - blind["tpr_1"]}]
+                        "over_blind": unmatched["tpr_1"] - blind["tpr_1"],
+                        "scores": unmatched_scores,
+                        "examples": (_examples(data.clients[cid], ri),
+                                     _examples(candidates, rn))}]
         parties = {"server": (_published(server), untrained_server,
                               _published(reference[0]) if reference else None),
                    "client": (_published(client),
@@ -208,6 +241,12 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
         if cid in published:
             client_rows.append(_sample_row("samples (published)", published[cid], members,
                                            nonmembers, seed, blind["tpr_1"]))
+        matched = _examples(data.clients[cid], mi), _examples(candidates, ni)
+        client_scores = None if scores is None else []
+        client_rows = [_by_patient(row, *row.pop("examples", matched), client_scores)
+                       for row in client_rows]
+        if scores is not None:
+            scores += [{"run": str(run_dir), "client": cid, **r} for r in client_scores]
         for row in client_rows:
             rows.append({"run": str(run_dir), "cut_ratio": cfg.diffusion.cut_ratio,
                          "cut_index": cut, "protocol": cfg.train.protocol, "client": cid,
@@ -247,6 +286,26 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _patients_markdown(rows: list[dict]) -> list[str]:
+    """Per client, the strongest attack's flagged member slices by patient: whether a TPR is a
+    few patients exposed wholly or many a little (per-image scores: membership-scores.csv)."""
+    if not rows or "flagged_patients" not in rows[0]:
+        return []  # rows of an audit written before the per-patient columns
+    lines = ["", "Which patients the strongest attack flags at 1% FPR (member slices flagged "
+             "per patient, most flagged first):", "",
+             "| c | client | target | attack | flagged slices | patients flagged | "
+             "most flagged |", "|---|---|---|---|---|---|---|"]
+    for s in strongest(rows):
+        for r in rows:
+            if (r["run"], r["target"], r["attack"]) == (s["run"], s["target"], s["attack"]):
+                flagged = round(r["tpr_1"] * r["num_members"])
+                lines.append(f"| {r['cut_ratio']:g} | {r['client']} | {r['target']} | "
+                             f"{r['attack']} | {flagged} of {r['num_members']} | "
+                             f"{r['flagged_patients']} of {r['member_patients']} | "
+                             f"{r['top_flagged'] or '-'} |")
+    return lines
+
+
 def membership_markdown(rows: list[dict]) -> str:
     """The membership section of privacy.md: the strongest attack per target, then all rows."""
     lines = ["## Membership inference (matched non-members, blind baseline)", "",
@@ -276,6 +335,7 @@ def membership_markdown(rows: list[dict]) -> str:
             f"{'-' if untrained is None else f'{untrained:.3f}'} | {_pct(r['tpr_1'])} "
             f"[{_pct(r['tpr_1_lo'])}, {_pct(r['tpr_1_hi'])}] | {_pct(r['tpr_0.1'])} | "
             f"{100 * r['over_blind']:+.1f} pt | {r.get('levels', '')} |")
+    lines += _patients_markdown(rows)
     first = rows[0] if rows else {}
     if first:
         lines += ["", (f"Matched pairs per client in brackets (non-members: "
