@@ -198,7 +198,7 @@ def flagged_by_patient(member_scores, nonmember_scores, member_patients,
     exposed wholly from one spread thinly over many."""
     flagged = np.asarray(member_scores, float) > fpr_threshold(nonmember_scores, fpr)
     patients = np.asarray(member_patients).astype(str)
-    out = [(p, int(flagged[patients == p].sum()), int((patients == p).sum()))
+    out = [(str(p), int(flagged[patients == p].sum()), int((patients == p).sum()))
            for p in np.unique(patients)]
     return sorted(out, key=lambda r: (-r[1], r[0]))
 
