@@ -89,6 +89,8 @@ IN_PROCESS = {
     "sample: damaged checkpoint": (["sample", "{d}/bad-checkpoint"], "checkpoint.pt"),
     "sample: one step": (["sample", "{d}/bad-checkpoint", "--steps", "1"], "--steps"),
     "audit: bad -n": (["audit", "{d}/not-a-run", "-n", "0"], "--num-images"),
+    "audit: no reference": (["audit", "{d}/not-a-run", "--reference-models", "0"],
+                            "--reference-models"),
     "prepare: missing source": (["data", "prepare", "{d}/nothing", "{d}/o.npz"], "no such file"),
     "prepare: empty folder": (["data", "prepare", "{d}/empty", "{d}/o.npz"], "no readable images"),
     "prepare: output not .npz": (["data", "prepare", "{d}/mri", "{d}/o.png"], "expected a .npz"),

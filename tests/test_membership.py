@@ -93,6 +93,9 @@ def test_flagged_slices_are_counted_per_patient_at_the_1pct_threshold():
 def test_calibration_is_the_log_error_ratio():
     np.testing.assert_allclose(mia.calibrated([1.0, 2.0], [2.0, 2.0]), [np.log(2), 0.0])
     assert np.isfinite(mia.calibrated([0.0], [1.0])).all()
+    # several references: their mean log error, by hand (log 2 + log 8) / 2 = log 4
+    np.testing.assert_allclose(mia.calibrated([1.0, 4.0], [[2.0, 4.0], [8.0, 4.0]]),
+                               [np.log(4), 0.0])
 
 
 def test_calibration_needs_a_reference_that_never_saw_the_members():

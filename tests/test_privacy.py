@@ -323,7 +323,8 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
 
     run_training(tiny_config(**{"train.protocol": '"noisy-data"'}), tmp_path / "c=0.5",
                  progress=False)
-    assert main(["audit", str(tmp_path), "--num-images", "8", "--reference-rounds", "2"]) == 0
+    assert main(["audit", str(tmp_path), "--num-images", "8", "--reference-rounds", "2",
+                 "--reference-models", "2"]) == 0
     rows = load_privacy_rows(tmp_path)
     member_rows = json.loads((tmp_path / "membership.json").read_text())["rows"]
     attacks_seen = {(r["client"], r["target"], r["attack"]) for r in member_rows}
@@ -333,6 +334,7 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
                 assert (client, target, attack) in attacks_seen
         assert {(client, "none", "blind"), (client, "samples", "nearest generated")} <= \
             attacks_seen
+    assert {r["reference_models"] for r in member_rows} == {2}
     scores = list(csv.DictReader(open(tmp_path / "membership-scores.csv")))
     for r in member_rows:
         assert 0 <= r["auc_lo"] <= r["auc"] <= r["auc_hi"] <= 1
@@ -400,6 +402,24 @@ def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
         s = best[target]
         assert cell.startswith(f"{s['attack']} {100 * s['over_blind']:+.1f} pt (TPR "
                                f"{100 * s['tpr_1']:.1f}%") and f"AUC {s['auc']:.2f})" in cell
+
+
+def test_reference_pairs_each_have_their_own_seed(tiny_config):
+    from collafuse.factory import load_client_data
+    from collafuse.privacy.membership_audit import train_reference, train_references
+
+    cfg = tiny_config()
+    cid, images = next(iter(load_client_data(cfg).clients.items()))
+    pairs = train_references(cfg, images, 2, cid, count=2)
+    single = train_reference(cfg, images, 2, cid)
+
+    def weights(party):
+        return torch.cat([p.detach().flatten() for p in party.model.parameters()])
+    # the first pair is the single reference of before (the run's seed); the second differs,
+    # server and client, or averaging would average one model with itself
+    assert torch.equal(weights(pairs[0][1]), weights(single[1]))
+    assert not torch.equal(weights(pairs[0][1]), weights(pairs[1][1]))
+    assert not torch.equal(weights(pairs[0][0]), weights(pairs[1][0]))
 
 
 @pytest.mark.slow

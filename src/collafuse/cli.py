@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--reference-rounds", type=int, default=None,
                        help="rounds of the calibration reference models, trained on the "
                        "run's hold-out set (default 300; 0: no calibrated attacks)")
+    audit.add_argument("--reference-models", type=int, default=1, metavar="K",
+                       help="reference pairs, each of its own seed; calibrated attacks use "
+                       "their mean log error (default 1; each costs --reference-rounds)")
     audit.add_argument("--export", type=Path, metavar="DIR", help="a `collafuse export` of "
                        "the run: its client models attacked too (target 'client (exported)')")
     audit.add_argument("--samples", type=Path, metavar="DIR", help="a `collafuse sample "
@@ -284,8 +287,12 @@ def _audit(args) -> None:
         raise ValueError(f"--num-images: expected an integer >= 1, got {args.num_images}")
     if rounds < 0:
         raise ValueError(f"--reference-rounds: expected an integer >= 0, got {rounds}")
+    if args.reference_models < 1:
+        raise ValueError(f"--reference-models: expected an integer >= 1, "
+                         f"got {args.reference_models}")
     audit(args.run_dir, args.out, num_images=args.num_images, seed=args.seed, device=args.device,
-          reference_rounds=rounds, export_dir=args.export, samples_dir=args.samples)
+          reference_rounds=rounds, export_dir=args.export, samples_dir=args.samples,
+          reference_models=args.reference_models)
     out = args.out or args.run_dir
     print(f"privacy audit: {out / 'privacy.md'} (privacy.csv, privacy.json, membership.csv, "
           "membership.json, membership-scores.csv)")

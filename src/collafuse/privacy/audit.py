@@ -251,10 +251,11 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
           device: str | None = None,
           reference_rounds: int = DEFAULT_REFERENCE_ROUNDS,
           export_dir: str | Path | None = None,
-          samples_dir: str | Path | None = None) -> list[dict]:
+          samples_dir: str | Path | None = None, reference_models: int = 1) -> list[dict]:
     """Audit a run or sweep folder; write privacy.csv/json/md and membership.csv/json into
     ``out`` (default: path). ``reference_rounds``: training of the calibration reference
-    (:mod:`collafuse.privacy.membership_audit`; 0: no calibrated attacks). ``export_dir`` and
+    (:mod:`collafuse.privacy.membership_audit`; 0: no calibrated attacks), of
+    ``reference_models`` reference pairs (their mean calibrates). ``export_dir`` and
     ``samples_dir`` (a run folder only): what the run's hospitals published, attacked too."""
     runs = find_runs(path)
     if len(runs) > 1 and (export_dir is not None or samples_dir is not None):
@@ -269,7 +270,7 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
     member_rows = [row for run_dir in runs
                    for row in membership_rows(run_dir, num_images, seed, reference_rounds,
                                               progress, device, export_dir, samples_dir,
-                                              scores)]
+                                              scores, reference_models)]
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "privacy.csv", to_csv(rows))
@@ -280,6 +281,7 @@ def audit(path: str | Path, out: str | Path | None = None, num_images: int = 128
     write_text(out / "membership-scores.csv", to_csv(scores))
     write_text(out / "membership.json", json.dumps(
         {"num_images": num_images, "seed": seed, "reference_rounds": reference_rounds,
+         "reference_models": reference_models,
          "rows": _jsonable(member_rows)}, indent=2, allow_nan=False))
     markdown = to_markdown(rows) + "\n" + membership_markdown(member_rows)
     results = Path(path) / "results.json"

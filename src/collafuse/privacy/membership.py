@@ -156,10 +156,12 @@ def attack_errors(name: str, model: Denoiser, scheduler: DDPMScheduler, images: 
 def calibrated(target_errors, reference_errors, floor: float = 1e-12) -> np.ndarray:
     """log(reference error) - log(target error): how much better the target model does on an
     image than a model that never saw it (larger means member). The log makes it a ratio, so
-    images that are hard for every model (bright, detailed) lose their advantage."""
+    images that are hard for every model (bright, detailed) lose their advantage. With several
+    references (``reference_errors`` of shape (K, N)) their mean log error: one reference's
+    own training noise moves single images' scores, and averaging K steadies them."""
     target = np.maximum(np.asarray(target_errors, float), floor)
-    reference = np.maximum(np.asarray(reference_errors, float), floor)
-    return np.log(reference) - np.log(target)
+    reference = np.maximum(np.atleast_2d(np.asarray(reference_errors, float)), floor)
+    return np.log(reference).mean(axis=0) - np.log(target)
 
 
 def sample_distance_scores(samples: torch.Tensor, images: torch.Tensor) -> np.ndarray:

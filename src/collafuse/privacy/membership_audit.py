@@ -21,8 +21,9 @@ untrained model of the same architecture (``untrained_auc``: about 0.5 if the ma
 and, calibrated, against one reference pair (server and client model) trained with the run's
 own recipe for ``reference_rounds`` rounds on the run's hold-out set, which holds no patient of
 any client (``reference``: what it was trained on; its cost, ``reference_seconds``, is one
-client's training for that many rounds). ``over_blind``: the attack's TPR at 1% FPR minus the
-blind baseline's on the same sets.
+client's training for that many rounds), or against the mean of ``reference_models`` such
+pairs, each of its own run seed (:func:`train_references`). ``over_blind``: the attack's TPR
+at 1% FPR minus the blind baseline's on the same sets.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ def train_reference(cfg, images: ImageSet, rounds: int, client_id: str,
     return server, client
 
 
+def train_references(cfg, images: ImageSet, rounds: int, client_id: str, count: int,
+                     progress: bool = False) -> list[tuple]:
+    """``count`` reference pairs (:func:`train_reference`); the k-th with run.seed + k, so its
+    weights' initialisation and its client's noise differ from the others' (the first is the
+    run's own seed, as a single reference always was)."""
+    from ..config import from_dict
+
+    pairs = []
+    for k in range(count):
+        raw = cfg.to_dict()
+        raw["run"]["seed"] = cfg.run.seed + k
+        if progress and count > 1:
+            print(f"  reference pair {k + 1}/{count} (run.seed {cfg.run.seed + k})", flush=True)
+        pairs.append(train_reference(from_dict(raw, source=f"reference {k}"), images, rounds,
+                                     client_id, progress))
+    return pairs
+
+
 def _rows_for(target: str, levels, models: dict, scheduler, members, nonmembers, seed,
               blind_tpr: float) -> list[dict]:
     """Rows of the three attacks and their calibrated variants on one target's levels."""
@@ -75,13 +94,16 @@ def _rows_for(target: str, levels, models: dict, scheduler, members, nonmembers,
             continue
         err = {k: (mia.attack_errors(name, m, scheduler, members, levels, seed),
                    mia.attack_errors(name, m, scheduler, nonmembers, levels, seed))
-               for k, m in models.items() if m is not None}
+               for k, m in models.items() if k != "references"}
         untrained = mia.roc_auc(-err["untrained"][0], -err["untrained"][1])
         variants = [(name, -err["target"][0], -err["target"][1], "")]
-        if "reference" in err:
+        if models["references"]:
+            ref = [(mia.attack_errors(name, m, scheduler, members, levels, seed),
+                    mia.attack_errors(name, m, scheduler, nonmembers, levels, seed))
+                   for m in models["references"]]
             variants.append((f"{name}-cal",
-                             mia.calibrated(err["target"][0], err["reference"][0]),
-                             mia.calibrated(err["target"][1], err["reference"][1]), REFERENCE))
+                             mia.calibrated(err["target"][0], [r[0] for r in ref]),
+                             mia.calibrated(err["target"][1], [r[1] for r in ref]), REFERENCE))
         for attack, pos, neg, reference in variants:
             stats = mia.report(pos, neg, seed=seed)
             rows.append({"target": target, "attack": attack, "levels": desc,
@@ -158,7 +180,7 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                     reference_rounds: int = DEFAULT_REFERENCE_ROUNDS, progress: bool = True,
                     device: str | None = None, export_dir: str | Path | None = None,
                     samples_dir: str | Path | None = None,
-                    scores: list | None = None) -> list[dict]:
+                    scores: list | None = None, reference_models: int = 1) -> list[dict]:
     """The membership rows of one run folder (see the module's docstring); with
     ``export_dir`` (a ``collafuse export`` of the run) also target ``client (exported)``, its
     client models; with ``samples_dir`` (a ``collafuse sample --export`` folder) also target
@@ -183,14 +205,17 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
         if mia.shared_patients(reference_set, part):
             raise ValueError(f"{run_dir}: the calibration reference's training set holds "
                              f"patients of client {cid}; it must hold none")
-    reference, ref_seconds = None, 0.0
+    if reference_models < 1:
+        raise ValueError(f"reference_models: expected an integer >= 1, got {reference_models}")
+    references, ref_seconds = [], 0.0
     if reference_rounds > 0 and len(reference_set) > 0:
         if progress:
-            print(f"membership {run_dir.name}: reference models, {reference_rounds} rounds "
-                  f"on {len(reference_set)} hold-out images", flush=True)
+            print(f"membership {run_dir.name}: {reference_models} reference pair(s), "
+                  f"{reference_rounds} rounds on {len(reference_set)} hold-out images",
+                  flush=True)
         start = time.perf_counter()
-        reference = train_reference(cfg, reference_set, reference_rounds,
-                                    next(iter(run.clients)), progress)
+        references = train_references(cfg, reference_set, reference_rounds,
+                                      next(iter(run.clients)), reference_models, progress)
         ref_seconds = time.perf_counter() - start
     exported = exported_clients(export_dir, device) if export_dir is not None else {}
     published = published_samples(samples_dir, cfg.data.image_size, cfg.data.channels) \
@@ -221,18 +246,18 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                         "examples": (_examples(data.clients[cid], ri),
                                      _examples(candidates, rn))}]
         parties = {"server": (_published(server), untrained_server,
-                              _published(reference[0]) if reference else None),
+                              [_published(s) for s, _ in references]),
                    "client": (_published(client),
                               _published(make_client(cfg, cid, data.clients[cid],
                                                      os.urandom(32))),
-                              _published(reference[1]) if reference else None)}
+                              [_published(c) for _, c in references])}
         if cid in exported:
             parties["client (exported)"] = (exported[cid], *parties["client"][1:])
         for target, models in parties.items():
             levels = targets[target.split()[0]]
             if levels is None:
                 continue
-            models = dict(zip(("target", "untrained", "reference"), models))
+            models = dict(zip(("target", "untrained", "references"), models))
             client_rows += _rows_for(target, levels, models, scheduler, members, nonmembers,
                                      seed, blind["tpr_1"])
         samples, _ = run.sample(cid, len(mi), seed)
@@ -252,6 +277,7 @@ def membership_rows(run_dir: str | Path, num_images: int = 128, seed: int = 0,
                          "cut_index": cut, "protocol": cfg.train.protocol, "client": cid,
                          "num_members": len(mi), "num_nonmembers": len(ni),
                          "nonmembers": label, "reference_rounds": reference_rounds,
+                         "reference_models": len(references),
                          "reference_seconds": ref_seconds, **row})
     return rows
 
@@ -342,6 +368,7 @@ def membership_markdown(rows: list[dict]) -> str:
                        f"{first['nonmembers']}); a client with few pairs gives coarse, noisy "
                        f"figures (with n non-members, TPR at 1% FPR moves in steps of 1/n and "
                        f"allows floor(n / 100) false positives); calibration "
-                       f"reference: {REFERENCE}, {first['reference_rounds']} rounds, "
+                       f"reference: {REFERENCE}, {first.get('reference_models', 1)} pair(s) "
+                       f"of {first['reference_rounds']} rounds, "
                        f"{first['reference_seconds']:.0f} s to train."), ""]
     return "\n".join(lines) + "\n"
