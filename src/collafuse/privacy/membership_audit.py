@@ -92,15 +92,14 @@ def _rows_for(target: str, levels, models: dict, scheduler, members, nonmembers,
     for name in mia.ATTACKS:
         if name == "secmi" and levels.interval < 1:
             continue
-        err = {k: (mia.attack_errors(name, m, scheduler, members, levels, seed),
-                   mia.attack_errors(name, m, scheduler, nonmembers, levels, seed))
-               for k, m in models.items() if k != "references"}
+        def errors(model):  # (members' errors, non-members' errors)
+            return (mia.attack_errors(name, model, scheduler, members, levels, seed),
+                    mia.attack_errors(name, model, scheduler, nonmembers, levels, seed))
+        err = {k: errors(models[k]) for k in ("target", "untrained")}
         untrained = mia.roc_auc(-err["untrained"][0], -err["untrained"][1])
         variants = [(name, -err["target"][0], -err["target"][1], "")]
         if models["references"]:
-            ref = [(mia.attack_errors(name, m, scheduler, members, levels, seed),
-                    mia.attack_errors(name, m, scheduler, nonmembers, levels, seed))
-                   for m in models["references"]]
+            ref = [errors(m) for m in models["references"]]
             variants.append((f"{name}-cal",
                              mia.calibrated(err["target"][0], [r[0] for r in ref]),
                              mia.calibrated(err["target"][1], [r[1] for r in ref]), REFERENCE))
