@@ -315,6 +315,28 @@ def test_view_accounting_edges_and_order():
     assert "no guarantee about an image" in noisy and "secret" in noisy
 
 
+@pytest.mark.parametrize("client_holdout", ["0.0", "0.3"])
+def test_calibration_reference_holds_no_patient_of_any_client(tmp_path, tiny_config,
+                                                              client_holdout):
+    """The reference models train on patients no client has, as members or as its own
+    held-out non-members (a reference that saw the members reads calibration as no signal;
+    one that saw the non-members reads it backwards)."""
+    from collafuse.engines.local import load_run, run_training
+    from collafuse.factory import load_client_data
+    from collafuse.privacy import membership as mia
+    from collafuse.privacy.membership_audit import _reference_split
+
+    run_training(tiny_config(**{"data.client_holdout_fraction": client_holdout}),
+                 tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    reference, _ = _reference_split(run, seed=0)
+    assert len(reference) > 0
+    for cid, part in load_client_data(run.cfg).clients.items():
+        assert not mia.shared_patients(reference, part)
+        if float(client_holdout) > 0:
+            assert not mia.shared_patients(reference, run.client_holdout[cid])
+
+
 @pytest.mark.slow
 def test_audit_command_on_a_sweep_folder(tmp_path, tiny_config):
     from collafuse.cli import main
