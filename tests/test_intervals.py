@@ -117,6 +117,20 @@ def test_report_findings_hold_on_a_paper_like_table():
     assert all("**holds**" in line and "contradicted" not in line for line in lines), lines
 
 
+def test_energy_decides_only_between_runs_trained_at_one_pace():
+    rows = results_rows(U, 0.001)
+    for r in rows:  # every run at one pace: seconds in proportion to FLOPs
+        r["client_seconds"] = r["client_flops"] / 1e10
+    assert "client energy: **holds**" in findings(rows)[3]
+    for r in rows:  # c = 0.6 trained three times slower (two runs sharing the cores)
+        if r["cut_ratio"] == 0.6:
+            r["client_seconds"] *= 3
+            r["client_energy_kwh"] *= 3
+    line = findings(rows)[3]
+    assert "client energy: **not resolved**" in line and "factor 3.0" in line, line
+    assert "client FLOPs: **holds**" in line
+
+
 def test_report_intervals_include_the_seed_to_seed_variance():
     """Seeds that disagree, each with a tight sampling-only interval: the KID findings are not
     resolved (an interval from sampling noise alone would call them)."""

@@ -34,6 +34,10 @@ FIGURES = {
 REPORT = "report.md"
 # The paper's mean pixel MSE between the server's images at the cut and the clients' real ones.
 PAPER_DISCLOSURE_MSE = {"c=0": 0.087, "c>=0.2": "about 1.0 to 1.07"}
+# Energy is metered seconds times modelled power, so runs trained at different paces (load,
+# threads, pauses) differ in energy for reasons other than c. Beyond this ratio between the
+# slowest and the fastest run's client seconds per training FLOP, energy decides nothing.
+PACE_SPREAD = 1.5
 
 
 def write_report(out: str | Path, untrained: Sequence[str] = ()) -> Path:
@@ -222,11 +226,29 @@ def _disclosure(rows) -> str:
 def _cost(rows) -> str:
     energy = seed_table(rows, "client_energy_kwh")
     measured = bool(energy) and len(energy) == len(cut_ratios(rows))
-    judged = [("client energy", iv.cost_falls_with_c(energy, "energy"))] if measured else []
+    judged = [("client energy", _energy_verdict(rows, energy))] if measured else []
     judged.append(("client FLOPs", iv.cost_falls_with_c(seed_table(rows, "client_flops"),
                                                          "FLOPs")))
     return _line(4, "A client's cost falls as c falls", "clients spend less energy the more "
                  "steps the server takes", judged)
+
+
+def _pace_spread(rows) -> float:
+    """The slowest over the fastest client pace (metered training seconds per training FLOP)
+    among the rows; 1 where no row has both."""
+    paces = [r["client_seconds"] / r["client_flops"] for r in rows
+             if r.get("client_flops") and r.get("client_seconds")]
+    return max(paces) / min(paces) if paces else 1.0
+
+
+def _energy_verdict(rows, energy) -> iv.Verdict:
+    verdict, spread = iv.cost_falls_with_c(energy, "energy"), _pace_spread(rows)
+    if spread <= PACE_SPREAD:
+        return verdict
+    return iv.Verdict(verdict.finding, iv.UNRESOLVED,
+                      f"the runs' client paces, metered seconds per training FLOP, differ by a "
+                      f"factor {spread:.1f} (load, threads, pauses), so energy compares unlike "
+                      f"conditions; as measured: {verdict.verdict}, {verdict.reason}")
 
 
 def _series(cs, values, fmt="{:.4f}") -> str:
